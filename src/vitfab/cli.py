@@ -1,0 +1,304 @@
+"""``vitfab`` command line: a thin typer layer over the Python API (no logic of its own)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import click
+import typer
+import yaml
+from rich.console import Console
+
+from .errors import VitfabError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Make Vision Transformers cheap enough for the inspection line.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthesise, inspect.")
+app.add_typer(data_app, name="data")
+
+out_console = Console()  # results on stdout; progress and notes go to stderr
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _parse_model_args(items: List[str]) -> dict[str, Any]:
+    args = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise VitfabError(f"--model-arg expects KEY=VALUE, got '{item}'")
+        args[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return args
+
+
+def _print_metrics(m: dict[str, Any]) -> None:
+    from .evaluate import format_metrics
+
+    out_console.print(format_metrics(m), highlight=False)
+    if len(m.get("per_class", {})) <= 20:
+        width = max(len(c) for c in m["per_class"])
+        out_console.print(f"{'class':<{width}}  precision  recall  support", highlight=False)
+        for c, v in m["per_class"].items():
+            out_console.print(f"{c:<{width}}  {v['precision']:9.3f}  {v['recall']:6.3f}  {v['support']:7d}",
+                              highlight=False)
+
+
+# --------------------------------------------------------------------------- main job
+@app.command()
+def run(
+    data: Optional[Path] = typer.Option(None, help="ImageFolder dataset; default: synthesise the X-ray set."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/run-<time>)."),
+    epochs: int = typer.Option(12, help="Baseline training epochs."),
+    n_per_class: int = typer.Option(150, help="Synthetic images per class (without --data)."),
+    difficulty: float = typer.Option(0.5, help="Synthetic defect subtlety, 0..1."),
+    model: str = typer.Option("deit_tiny_patch16_224", help="timm ViT for the small baseline."),
+    img_size: int = typer.Option(64, help="Input size of the small baseline."),
+    patch_size: int = typer.Option(8, help="Patch size of the small baseline."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+):
+    """The main job: data (synthetic by default) -> small DeiT baseline -> test metrics."""
+    from .pipeline import MainJobConfig, run_main_job
+
+    cfg = MainJobConfig(data=str(data) if data else None, n_per_class=n_per_class, difficulty=difficulty,
+                        model=model, img_size=img_size, patch_size=patch_size, epochs=epochs, seed=seed,
+                        device=device)
+    summary = run_main_job(cfg, out, progress)
+    if as_json:
+        _print_json(summary)
+        return
+    t = summary["test"] or {}
+    out_console.print(f"\nrun folder: {summary['run']}", highlight=False)
+    if t:
+        from .evaluate import format_metrics
+        from .files import read_json
+
+        full = read_json(Path(summary["baseline_run"]) / "eval" / "test.json")
+        out_console.print(f"test split, best epoch {summary['best_epoch'] + 1}:", highlight=False)
+        out_console.print(format_metrics(full), highlight=False)
+    out_console.print(f"wall time: {summary['total_seconds']:.0f} s", highlight=False)
+
+
+# --------------------------------------------------------------------------- training
+@app.command()
+def train(
+    data: Optional[Path] = typer.Option(None, help="ImageFolder dataset (<class>/<image>)."),
+    model: str = typer.Option("deit_tiny_patch16_224", help="timm ViT name; the reference is deit_base_patch16_224."),
+    img_size: Optional[int] = typer.Option(None, help="Override the input size (position embeddings resized)."),
+    patch_size: Optional[int] = typer.Option(None, help="Override the patch size."),
+    model_arg: List[str] = typer.Option([], help="Extra timm argument KEY=VALUE (e.g. depth=6); repeatable."),
+    pretrained: bool = typer.Option(False, help="Start from timm's hub weights (needs the network)."),
+    weights: Optional[Path] = typer.Option(None, help="Start from a local .safetensors/.pth/.pt file."),
+    epochs: int = typer.Option(30),
+    batch_size: int = typer.Option(64),
+    lr: Optional[float] = typer.Option(None, help="Peak LR (default 1e-3 from scratch, 1e-4 from weights)."),
+    weight_decay: float = typer.Option(0.05),
+    warmup_epochs: float = typer.Option(2.0),
+    min_lr: float = typer.Option(1e-6),
+    label_smoothing: float = typer.Option(0.1),
+    mixup: float = typer.Option(0.0, help="Mixup alpha (DeiT: 0.8); 0 = off."),
+    cutmix: float = typer.Option(0.0, help="CutMix alpha (DeiT: 1.0); 0 = off."),
+    drop_path: float = typer.Option(0.1),
+    clip_grad: Optional[float] = typer.Option(None),
+    amp: str = typer.Option("auto", help="auto (bf16 on CPUs with native bf16, fp16 on CUDA), off, bf16, fp16."),
+    accum_steps: int = typer.Option(1, help="Gradient accumulation steps."),
+    seed: int = typer.Option(0),
+    val_fraction: float = typer.Option(0.15),
+    test_fraction: float = typer.Option(0.15),
+    max_per_class: Optional[int] = typer.Option(None, help="Use at most N images per class (seeded)."),
+    skip_bad_images: bool = typer.Option(False, help="Skip unreadable images with a warning."),
+    good_class: Optional[str] = typer.Option(None, help="Class meaning 'no defect' (default: good/normal/ok)."),
+    device: str = typer.Option("auto"),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: 0 on <=2 cores)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/train-<time>)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue this run folder after an interruption."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+):
+    """Fine-tune a timm ViT (DeiT recipe) into a run folder; --resume continues one."""
+    from .train import TrainConfig
+    from .train import resume as resume_run
+    from .train import train as train_run
+
+    if resume is not None:
+        result = resume_run(resume, progress)
+    else:
+        if data is None:
+            raise VitfabError("--data DIR is required (or --resume RUN_DIR)")
+        cfg = TrainConfig(
+            data=str(data), model=model, img_size=img_size, patch_size=patch_size,
+            model_args=_parse_model_args(model_arg), pretrained=pretrained,
+            weights=str(weights) if weights else None, epochs=epochs, batch_size=batch_size, lr=lr,
+            weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
+            label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, drop_path=drop_path,
+            clip_grad=clip_grad, amp=amp, accum_steps=accum_steps, seed=seed, val_fraction=val_fraction,
+            test_fraction=test_fraction, max_per_class=max_per_class, skip_bad_images=skip_bad_images,
+            good_class=good_class, device=device, workers=workers,
+        )
+        result = train_run(cfg, out, progress)
+    summary = {"run": str(result.run.root), "best_epoch": result.best_epoch, "best_val": result.best_val,
+               "test": result.test, "seconds": round(result.seconds, 1)}
+    if as_json:
+        _print_json(summary)
+        return
+    out_console.print(f"run folder: {result.run.root}", highlight=False)
+    if result.test:
+        out_console.print(f"test split, best epoch {result.best_epoch + 1}:", highlight=False)
+        _print_metrics(result.test)
+
+
+# --------------------------------------------------------------------------- evaluation
+@app.command("eval")
+def eval_(
+    run: Optional[Path] = typer.Option(None, "--run", help="A run folder: its best checkpoint on its own split."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A vitfab checkpoint (folder or .safetensors)."),
+    model: Optional[str] = typer.Option(None, help="A timm model name (with --pretrained or --weights)."),
+    pretrained: bool = typer.Option(False, help="With --model: timm's hub weights."),
+    weights: Optional[Path] = typer.Option(None, help="With --model: a local weights file."),
+    img_size: Optional[int] = typer.Option(None, help="With --model: input size override."),
+    data: Optional[Path] = typer.Option(None, help="Labelled folder (for --run: where the run's data now lives)."),
+    split: str = typer.Option("test", help="With --run: train, val, test or all."),
+    good_class: Optional[str] = typer.Option(None, help="Class meaning 'no defect' (default: good/normal/ok)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for metrics.json and confusion.png."),
+    batch_size: int = typer.Option(64),
+    skip_bad_images: bool = typer.Option(False),
+    device: str = typer.Option("auto"),
+    as_json: bool = typer.Option(False, "--json", help="Print all metrics as JSON."),
+    progress: bool = typer.Option(True),
+):
+    """Top-1/top-5, macro-F1, per-class precision/recall, confusion PNG, escape and overkill rates."""
+    from .evaluate.api import evaluate_folder, evaluate_run
+    from .models import create_model, load_model
+    from .runtime import resolve_device
+
+    dev = resolve_device(device)
+    chosen = [x for x in (run, checkpoint, model) if x is not None]
+    if len(chosen) != 1:
+        raise VitfabError("give exactly one of --run RUN_DIR, --checkpoint PATH, --model NAME")
+    if run is not None:
+        m, where = evaluate_run(run, split, data, dev, good_class, batch_size, progress)
+    else:
+        if data is None:
+            raise VitfabError("--data DIR is required with --checkpoint or --model")
+        if checkpoint is not None:
+            net = load_model(checkpoint, dev)
+        else:
+            if not (pretrained or weights):
+                raise VitfabError("--model needs --pretrained or --weights PATH (an untrained model is noise)")
+            net = create_model(model, img_size=img_size, pretrained=pretrained, weights=weights).to(dev).eval()
+        m, where = evaluate_folder(net, data, out, dev, good_class, batch_size, skip_bad_images, progress)
+    if as_json:
+        _print_json(m)
+        return
+    _print_metrics(m)
+    out_console.print(f"results in {where}", highlight=False)
+
+
+# --------------------------------------------------------------------------- prediction
+@app.command()
+def predict(
+    checkpoint: Path = typer.Option(..., help="A vitfab checkpoint or run folder."),
+    input: List[Path] = typer.Option(..., "--input", help="Image file or folder; repeatable."),
+    out: Path = typer.Option(Path("preds.csv"), help="CSV: file, class, confidence, topk."),
+    topk: int = typer.Option(3, help="How many classes to list per image."),
+    batch_size: int = typer.Option(64),
+    skip_bad_images: bool = typer.Option(False),
+    device: str = typer.Option("auto"),
+    progress: bool = typer.Option(True),
+):
+    """Classify images with a trained checkpoint; write a CSV."""
+    from .models import load_model
+    from .predict import expand_inputs, predict_images, write_predictions_csv
+    from .runtime import resolve_device
+
+    if topk < 1:
+        raise VitfabError(f"--topk must be at least 1, got {topk}")
+    dev = resolve_device(device)
+    paths = expand_inputs(input)
+    net = load_model(checkpoint, dev)
+    rows, skipped = predict_images(net, paths, dev, batch_size, topk, skip_bad_images, progress=progress)
+    write_predictions_csv(rows, out)
+    out_console.print(f"{len(rows)} predictions -> {out}" + (f" ({len(skipped)} skipped)" if skipped else ""),
+                      highlight=False)
+
+
+# --------------------------------------------------------------------------- data
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., help="New folder for the ImageFolder dataset."),
+    n_per_class: int = typer.Option(300, help="Images per class."),
+    img_size: int = typer.Option(64, help="Image side in pixels."),
+    seed: int = typer.Option(0),
+    difficulty: float = typer.Option(0.5, help="0 = blatant defects, 1 = subtle and noisy."),
+    progress: bool = typer.Option(True),
+):
+    """Simulated 3D X-ray images of BGA solder joints: 7 classes, 3 slices as channels."""
+    from .data.synth import CLASSES, SynthConfig, synthesize
+    from .progress import task
+
+    cfg = SynthConfig(n_per_class=n_per_class, img_size=img_size, seed=seed, difficulty=difficulty)
+    with task("synthesising", total=n_per_class * len(CLASSES), enabled=progress) as advance:
+        meta = synthesize(out, cfg, on_progress=advance)
+    out_console.print(f"{n_per_class * len(CLASSES)} images ({len(CLASSES)} classes, {img_size} px) "
+                      f"in {meta['seconds']:.1f} s -> {out}", highlight=False)
+
+
+@data_app.command("info")
+def data_info(
+    data: Path = typer.Argument(..., help="ImageFolder dataset."),
+    skip_bad_images: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json"),
+    progress: bool = typer.Option(True),
+):
+    """Check every image; print class counts and the imbalance ratio."""
+    from .data.images import count_images, scan_image_folder
+    from .progress import task
+
+    with task("checking images", total=count_images(data), enabled=progress) as advance:
+        index = scan_image_folder(data, skip_bad=skip_bad_images, on_progress=advance)
+    counts = index.class_counts()
+    ratio = max(counts.values()) / max(min(counts.values()), 1)
+    if as_json:
+        _print_json({"classes": counts, "images": len(index.samples), "imbalance_ratio": ratio,
+                     "skipped": index.skipped})
+        return
+    width = max(len(c) for c in counts)
+    for c, n in counts.items():
+        out_console.print(f"{c:<{width}}  {n:6d}", highlight=False)
+    out_console.print(f"{len(index.samples)} images, {len(counts)} classes, imbalance {ratio:.2f}",
+                      highlight=False)
+    for path, reason in index.skipped:
+        out_console.print(f"skipped {path}: {reason}", highlight=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors print one line on stderr and exit 2, never a traceback."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except VitfabError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.stderr.write("interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

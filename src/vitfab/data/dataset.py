@@ -1,0 +1,30 @@
+"""A torch ``Dataset`` over a file list (a :class:`Split` subset or a folder scan)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from torch.utils.data import Dataset
+
+from .images import load_image
+
+
+class ImageListDataset(Dataset):
+    """``(image_tensor, class_index)`` for ``(relative_path, class_index)`` samples under ``root``."""
+
+    def __init__(self, root: str | Path, samples: Sequence[tuple[str, int]], transform: Callable):
+        self.root = Path(root)
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, y = self.samples[i]
+        return self.transform(load_image(self.root / path)), y
+
+    @property
+    def targets(self) -> list[int]:
+        return [y for _, y in self.samples]

@@ -1,0 +1,88 @@
+"""Evaluation entry points behind ``vitfab eval``: a run's split, or any labelled folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.images import count_images, scan_image_folder
+from ..data.split import Split
+from ..errors import DataError
+from ..files import write_json_atomic
+from ..models.checkpoint import load_model
+from ..progress import console, task
+from ..rundir import RunDir
+from .runner import evaluate_model, plot_confusion
+
+MAX_CLASSES_IN_FULL = 50  # beyond this (ImageNet), only classes that occur are listed
+
+
+def _compact(m: dict[str, Any]) -> dict[str, Any]:
+    if len(m["classes"]) <= MAX_CLASSES_IN_FULL:
+        return m
+    m = dict(m)
+    m["per_class"] = {c: v for c, v in m["per_class"].items() if v["support"] > 0}
+    m.pop("confusion_matrix")
+    return m
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    subset: str = "test",
+    data: str | Path | None = None,
+    device: torch.device = torch.device("cpu"),
+    good_class: str | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[dict[str, Any], Path]:
+    """The run's best checkpoint on one subset of the run's own split."""
+    run = RunDir.open(run_dir)
+    split = Split.load(run.split_path)
+    root = Path(data) if data is not None else Path(split.root)
+    if not root.is_dir():
+        raise DataError(f"data folder of this run not found: {root} (pass --data to point to it)")
+    samples = split.subset(subset)
+    if not samples:
+        raise DataError(f"the '{subset}' split of {run.root} is empty")
+    model = load_model(run.find_checkpoint("best"), device)
+    if good_class is None:
+        good_class = run.read_config().get("train", {}).get("good_class")
+    m = evaluate_model(model, root, samples, split.classes, device, good_class=good_class,
+                       batch_size=batch_size, progress=progress)
+    m.update(split=subset, checkpoint=str(run.find_checkpoint("best")))
+    write_json_atomic(run.eval_dir / f"{subset}.json", m)
+    plot_confusion(m, run.eval_dir / f"confusion_{subset}.png")
+    return m, run.eval_dir
+
+
+def evaluate_folder(
+    model: torch.nn.Module,
+    data: str | Path,
+    out: str | Path | None = None,
+    device: torch.device = torch.device("cpu"),
+    good_class: str | None = None,
+    batch_size: int = 64,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> tuple[dict[str, Any], Path]:
+    """Every image of an ImageFolder whose class folders are named after the model's classes
+    (for ImageNet-1k models: the synset ids of the standard val layout)."""
+    classes = model.vitfab_meta.classes
+    total = count_images(data)
+    with task("checking images", total=total, enabled=progress) as advance:
+        index = scan_image_folder(data, skip_bad=skip_bad, on_progress=advance, classes=classes)
+    if not index.samples:
+        raise DataError(f"no images of the model's classes in {data}")
+    for path, reason in index.skipped:
+        console.print(f"[yellow]warning:[/] skipped {path}: {reason}")
+    m = evaluate_model(model, data, index.samples, classes, device, good_class=good_class,
+                       batch_size=batch_size, progress=progress)
+    m = _compact(m)
+    m.update(data=str(Path(data).resolve()), model=model.vitfab_meta.name)
+    out = Path(out) if out is not None else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    write_json_atomic(out / "metrics.json", m)
+    plot_confusion(m, out / "confusion.png")
+    return m, out

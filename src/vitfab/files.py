@@ -1,0 +1,79 @@
+"""Atomic file writes: a reader (or a resumed run) never sees a half-written file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder; on success it takes the place of ``path``.
+
+    The old folder is first renamed to ``<path>.prev`` and removed after the swap, so at every
+    instant either ``path`` or ``<path>.prev`` holds a complete copy (see :func:`existing_dir`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    prev = path.with_name(path.name + ".prev")
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            if prev.exists():
+                shutil.rmtree(prev)
+            os.replace(path, prev)
+        os.replace(tmp, path)
+        if prev.exists():
+            shutil.rmtree(prev)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def existing_dir(path: str | os.PathLike) -> Path | None:
+    """The complete copy of an :func:`atomic_dir` folder: ``path``, else ``<path>.prev``."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    prev = path.with_name(path.name + ".prev")
+    return prev if prev.is_dir() else None

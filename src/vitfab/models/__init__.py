@@ -1,0 +1,7 @@
+"""Models: timm Vision Transformers by name, local weights, vitfab checkpoints."""
+
+from .checkpoint import load_model, read_meta, save_checkpoint
+from .factory import BASELINE, create_model, describe
+from .meta import ModelMeta
+
+__all__ = ["BASELINE", "ModelMeta", "create_model", "describe", "load_model", "read_meta", "save_checkpoint"]

@@ -1,0 +1,95 @@
+"""vitfab checkpoints: ``model.safetensors`` (metadata embedded) + ``meta.json`` in one folder.
+
+``load_model`` takes a run folder (its ``best`` checkpoint), a checkpoint folder or a single
+``.safetensors`` file written by vitfab, rebuilds the timm model and returns it in eval mode
+with ``model.vitfab_meta`` (a :class:`ModelMeta`: model name and kwargs, classes, preprocessing).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from ..errors import CheckpointError
+from ..files import atomic_dir, existing_dir, write_json_atomic
+from .meta import FORMAT, ModelMeta
+
+WEIGHTS_FILE, META_FILE, STATE_FILE = "model.safetensors", "meta.json", "train_state.pt"
+
+
+def save_checkpoint(
+    folder: str | Path,
+    model: VisionTransformer,
+    extra: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write weights, metadata and (optionally) the training state into ``folder`` atomically."""
+    meta: ModelMeta = model.vitfab_meta
+    meta_dict = meta.to_dict() | dict(extra or {})
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(folder) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"vitfab": json.dumps(meta_dict)})
+        write_json_atomic(tmp / META_FILE, meta_dict)
+        if train_state is not None:
+            torch.save(train_state, tmp / STATE_FILE)
+    return Path(folder)
+
+
+def _resolve(path: Path) -> Path:
+    """A run folder, checkpoint folder or file -> the ``model.safetensors`` to read."""
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+            found = existing_dir(path / "checkpoints" / "best") or existing_dir(path / "checkpoints" / "last")
+            if found is None:
+                raise CheckpointError(f"run folder {path} has no checkpoint yet")
+            path = found
+        if (path / WEIGHTS_FILE).is_file():
+            return path / WEIGHTS_FILE
+        raise CheckpointError(f"{path} holds no {WEIGHTS_FILE}: not a vitfab checkpoint or run folder")
+    found = existing_dir(path)  # a checkpoint folder caught mid-swap
+    if found is not None:
+        return _resolve(found)
+    raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def read_meta(path: str | Path) -> ModelMeta:
+    weights = _resolve(Path(path))
+    if weights.suffix != ".safetensors":
+        raise CheckpointError(
+            f"{weights} is not a vitfab checkpoint (.safetensors with metadata); "
+            "to use a plain weights file, pass --model NAME --weights PATH"
+        )
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("vitfab")
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"cannot read {weights}: {exc}") from None
+    if raw is None:
+        raise CheckpointError(
+            f"{weights} has no vitfab metadata; to use plain weights pass --model NAME --weights PATH"
+        )
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{weights}: unsupported checkpoint format {meta.get('format')!r}")
+    return ModelMeta.from_dict(meta)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> VisionTransformer:
+    """Rebuild a model saved by vitfab; eval mode, ``model.vitfab_meta`` set."""
+    from .factory import create_model
+
+    weights = _resolve(Path(path))
+    meta = read_meta(weights)
+    kwargs = dict(meta.kwargs)
+    kwargs.pop("num_classes", None)
+    model = create_model(meta.name, classes=meta.classes, weights=weights, **kwargs)
+    model.vitfab_meta = meta
+    return model.to(device).eval()

@@ -1,0 +1,78 @@
+"""``TrainConfig``: every knob of a fine-tuning run, saved to the run folder."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..errors import VitfabError
+from ..runtime import AMP_MODES
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    model: str = "deit_tiny_patch16_224"
+    img_size: int | None = None
+    patch_size: int | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False
+    weights: str | None = None
+    # the DeiT fine-tuning recipe
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float | None = None  # None: 1e-3 from scratch, 1e-4 from pretrained/local weights
+    weight_decay: float = 0.05
+    warmup_epochs: float = 2.0
+    min_lr: float = 1e-6
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    drop_path: float = 0.1
+    clip_grad: float | None = None
+    amp: str = "auto"
+    accum_steps: int = 1
+    seed: int = 0
+    # data
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    max_per_class: int | None = None
+    skip_bad_images: bool = False
+    good_class: str | None = None
+    # execution
+    device: str = "auto"
+    workers: int | None = None
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-4 if (self.pretrained or self.weights) else 1e-3
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.accum_steps >= 1, f"--accum-steps must be at least 1, got {self.accum_steps}"),
+            (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (0 <= self.label_smoothing < 1, f"--label-smoothing must lie in [0, 1), got {self.label_smoothing}"),
+            (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
+            (0 <= self.drop_path < 1, f"--drop-path must lie in [0, 1), got {self.drop_path}"),
+            (self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp}"),
+            (
+                not (self.mixup or self.cutmix) or self.batch_size % 2 == 0,
+                "mixup/cutmix need an even --batch-size",
+            ),
+            (self.max_per_class is None or self.max_per_class >= 1, "--max-per-class must be at least 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise VitfabError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,364 @@
+"""Fine-tuning in the DeiT tradition, resumable after a kill at any instant.
+
+AdamW (no weight decay on norms, biases, position/class tokens), linear warm-up then cosine
+decay per optimizer step, label smoothing, optional mixup/cutmix, drop-path, mixed precision
+(bf16 autocast on a CPU with native bf16, fp16 with a gradient scaler on CUDA), gradient
+accumulation.
+
+Reproducibility and resume: every epoch reseeds torch, numpy, ``random`` and the data
+loader's shuffling from ``(seed, epoch)``. After each epoch the run folder gets a metrics
+line and an atomically written ``last`` checkpoint holding weights, optimizer, scheduler and
+scaler state; ``best`` follows validation top-1. ``resume`` restarts after the last complete
+epoch, so a killed run loses at most the epoch in progress and then continues exactly as the
+uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ..data.dataset import ImageListDataset
+from ..data.images import scan_image_folder, count_images
+from ..data.split import Split, make_split
+from ..data.transforms import eval_transform, train_transform
+from ..errors import VitfabError
+from ..evaluate.metrics import classification_metrics
+from ..evaluate.runner import collect_logits, make_eval_loader, plot_confusion
+from ..files import existing_dir, write_json_atomic
+from ..models.checkpoint import STATE_FILE, load_model, read_meta, save_checkpoint
+from ..models.factory import create_model, describe
+from ..models.weights import read_state_dict
+from ..progress import console, make_progress, task
+from ..rundir import RunDir
+from ..runtime import autocast, default_workers, resolve_amp, resolve_device
+from .config import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    run: RunDir
+    best_epoch: int
+    best_val: dict[str, Any]
+    test: dict[str, Any] | None
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float):
+    """LR factor per optimizer step: linear warm-up, then cosine from ``base_lr`` to ``min_lr``."""
+    floor = min_lr / base_lr
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return factor
+
+
+def prepare_split(config: TrainConfig, progress: bool = True) -> Split:
+    """Scan and check the data folder, then draw the seeded stratified split."""
+    total = count_images(config.data)
+    with task("checking images", total=total, enabled=progress) as advance:
+        index = scan_image_folder(config.data, skip_bad=config.skip_bad_images, on_progress=advance)
+    if index.skipped:
+        console.print(f"[yellow]warning:[/] skipped {len(index.skipped)} unreadable image(s):")
+        for path, reason in index.skipped:
+            console.print(f"  {path}: {reason}")
+    return make_split(index, config.val_fraction, config.test_fraction, config.seed, config.max_per_class)
+
+
+def report_split(split: Split) -> str:
+    counts = split.class_counts()
+    width = max(len(c) for c in split.classes)
+    lines = [f"{'class':<{width}}  train    val   test"]
+    for c in split.classes:
+        lines.append(f"{c:<{width}}  {counts['train'][c]:5d}  {counts['val'][c]:5d}  {counts['test'][c]:5d}")
+    lines.append(f"imbalance (largest/smallest class): {split.imbalance_ratio():.2f}")
+    return "\n".join(lines)
+
+
+def build_model(config: TrainConfig, classes: list[str], with_weights: bool = True):
+    model = create_model(
+        config.model,
+        classes=classes,
+        img_size=config.img_size,
+        patch_size=config.patch_size,
+        pretrained=config.pretrained and with_weights,
+        weights=config.weights if with_weights else None,
+        drop_path_rate=config.drop_path,
+        **config.model_args,
+    )
+    model.vitfab_meta.preprocess.crop_pct = 1.0  # inspection images: keep the borders
+    return model
+
+
+class Trainer:
+    def __init__(self, run: RunDir, config: TrainConfig, split: Split, progress: bool = True):
+        config.validate()
+        self.run, self.config, self.split, self.progress = run, config, split, progress
+        self.device = resolve_device(config.device)
+        self.amp = resolve_amp(config.amp, self.device)
+        self.workers = default_workers() if config.workers is None else config.workers
+
+    # --- setup -------------------------------------------------------------------------
+    def _train_loader(self, epoch: int) -> DataLoader:
+        ds = ImageListDataset(self.split.root, self.split.train, train_transform(self.pre))
+        g = torch.Generator().manual_seed(epoch_seed(self.config.seed, epoch))
+        mixing = bool(self.config.mixup or self.config.cutmix)
+        drop_last = mixing or len(ds) >= 4 * self.config.batch_size
+        return DataLoader(
+            ds,
+            batch_size=min(self.config.batch_size, len(ds)),
+            shuffle=True,
+            generator=g,
+            num_workers=self.workers,
+            drop_last=drop_last and len(ds) >= self.config.batch_size,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def _steps_per_epoch(self) -> int:
+        return math.ceil(len(self._train_loader(0)) / self.config.accum_steps)
+
+    def setup(self, model) -> None:
+        c = self.config
+        self.model = model.to(self.device)
+        self.pre = model.vitfab_meta.preprocess
+        from timm.optim import create_optimizer_v2
+
+        lr = c.resolved_lr()
+        self.optimizer = create_optimizer_v2(self.model, "adamw", lr=lr, weight_decay=c.weight_decay)
+        spe = self._steps_per_epoch()
+        total = spe * c.epochs
+        warmup = min(int(round(c.warmup_epochs * spe)), max(total - 1, 0))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(total, warmup, lr, min(c.min_lr, lr))
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+        self.mixup = None
+        if c.mixup or c.cutmix:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(
+                mixup_alpha=c.mixup, cutmix_alpha=c.cutmix, label_smoothing=c.label_smoothing,
+                num_classes=len(self.split.classes),
+            )
+        self.start_epoch, self.best, self.best_epoch = 0, (-1.0, -1.0), -1
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.best = tuple(state["best"])
+        self.best_epoch = int(state["best_epoch"])
+
+    # --- one epoch ----------------------------------------------------------------------
+    def train_one_epoch(self, epoch: int, progress) -> dict[str, float]:
+        c, model, opt = self.config, self.model, self.optimizer
+        seed_everything(epoch_seed(c.seed, epoch))
+        loader = self._train_loader(epoch)
+        model.train()
+        total = len(loader) * loader.batch_size if loader.drop_last else len(loader.dataset)
+        tid = progress.add_task(f"epoch {epoch + 1}/{c.epochs}", total=total, info="")
+        n_seen, loss_sum, correct, t0 = 0, 0.0, 0, time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        for i, (x, y) in enumerate(loader):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            target = y
+            if self.mixup is not None:
+                x, target = self.mixup(x, y)
+            with autocast(self.device, self.amp):
+                out = model(x)
+            out = out.float()
+            if self.mixup is not None:
+                loss = torch.sum(-target * F.log_softmax(out, dim=-1), dim=-1).mean()
+            else:
+                loss = F.cross_entropy(out, target, label_smoothing=c.label_smoothing)
+            if not torch.isfinite(loss):
+                raise VitfabError(
+                    f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr or use --amp off"
+                )
+            scaled = loss / c.accum_steps
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            if (i + 1) % c.accum_steps == 0 or i + 1 == len(loader):
+                if self.scaler:
+                    self.scaler.unscale_(opt)
+                if c.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip_grad)
+                if self.scaler:
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                else:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                self.scheduler.step()
+            n = len(y)
+            n_seen += n
+            loss_sum += loss.item() * n
+            correct += int((out.argmax(1) == y).sum())
+            ips = n_seen / max(time.perf_counter() - t0, 1e-9)
+            progress.update(
+                tid, advance=n,
+                info=f"loss {loss_sum / n_seen:.3f}  acc {100 * correct / n_seen:.1f}%  {ips:.0f} img/s",
+            )
+        seconds = time.perf_counter() - t0
+        return {
+            "train_loss": loss_sum / max(n_seen, 1),
+            "train_acc": correct / max(n_seen, 1),
+            "img_per_s": n_seen / max(seconds, 1e-9),
+            "train_seconds": seconds,
+        }
+
+    def validate(self, progress=None) -> dict[str, Any]:
+        loader = make_eval_loader(self.split.root, self.split.val, self.pre, self.config.batch_size, self.workers)
+        logits, targets = collect_logits(self.model, loader, self.device, self.amp, self.progress, "validate",
+                                         parent=progress)
+        m = classification_metrics(logits, targets, self.split.classes, self.config.good_class)
+        lt = torch.from_numpy(logits).float()
+        m["loss"] = float(F.cross_entropy(lt, torch.from_numpy(targets))) if len(targets) else float("nan")
+        return m
+
+    # --- the run ------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        c, run = self.config, self.run
+        t_start = time.perf_counter()
+        history = [r for r in run.read_metrics() if r.get("epoch", 0) < self.start_epoch]
+        with make_progress(self.progress) as progress:
+            for epoch in range(self.start_epoch, c.epochs):
+                stats = self.train_one_epoch(epoch, progress)
+                val = self.validate(progress) if self.split.val else None
+                record = {
+                    "epoch": epoch,
+                    **{k: round(v, 6) for k, v in stats.items()},
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                }
+                if val is not None:
+                    record.update(val_loss=round(val["loss"], 6), val_top1=val["top1"], val_macro_f1=val["macro_f1"])
+                    for key in ("escape_rate", "overkill_rate"):
+                        if key in val:
+                            record[f"val_{key}"] = val[key]
+                score = (val["top1"], val["macro_f1"]) if val is not None else (float(epoch), 0.0)
+                # order matters for resume: metrics line, then best, then last (see module doc)
+                run.append_metrics(record)
+                history.append(record)
+                extra = {"epoch": epoch, "run": str(run.root)}
+                if score > self.best:
+                    self.best, self.best_epoch = score, epoch
+                    save_checkpoint(run.checkpoint("best"), self.model, extra | {"val": _brief(val)})
+                save_checkpoint(
+                    run.checkpoint("last"), self.model, extra,
+                    train_state={
+                        "epoch": epoch,
+                        "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict() if self.scaler else None,
+                        "best": list(self.best),
+                        "best_epoch": self.best_epoch,
+                    },
+                )
+                msg = f"epoch {epoch + 1}/{c.epochs}: train loss {stats['train_loss']:.3f}"
+                if val is not None:
+                    msg += f", val top-1 {100 * val['top1']:.1f}%, macro-F1 {val['macro_f1']:.3f}"
+                progress.console.print(msg)
+        seconds = time.perf_counter() - t_start
+        best_val = next((r for r in history if r["epoch"] == self.best_epoch), {})
+        test = self.test() if self.split.test else None
+        cfg = run.read_config()
+        cfg["status"] = "done"
+        run.write_config(cfg)
+        return TrainResult(run, self.best_epoch, best_val, test, seconds, history)
+
+    def test(self) -> dict[str, Any]:
+        """The best checkpoint, once, on the test split; metrics and confusion PNG in eval/."""
+        model = load_model(self.run.find_checkpoint("best"), self.device)
+        loader = make_eval_loader(self.split.root, self.split.test, self.pre, self.config.batch_size, self.workers)
+        logits, targets = collect_logits(model, loader, self.device, "off", self.progress, "test")
+        m = classification_metrics(logits, targets, self.split.classes, self.config.good_class)
+        m["checkpoint"] = "best"
+        m["epoch"] = self.best_epoch
+        write_json_atomic(self.run.eval_dir / "test.json", m)
+        plot_confusion(m, self.run.eval_dir / "confusion_test.png")
+        return m
+
+
+def _brief(val: dict[str, Any] | None) -> dict[str, Any]:
+    if val is None:
+        return {}
+    return {k: val[k] for k in ("top1", "macro_f1", "loss", "escape_rate", "overkill_rate") if k in val}
+
+
+def train(
+    config: TrainConfig, out: str | Path | None = None, progress: bool = True, split: Split | None = None
+) -> TrainResult:
+    """A new run: check data, split, build the model, fine-tune, test the best checkpoint.
+
+    Every check (config, device, data, model, weights) runs before the run folder is made.
+    """
+    config.validate()
+    resolve_device(config.device)
+    resolve_amp(config.amp, resolve_device(config.device))
+    split = split or prepare_split(config, progress)
+    model = build_model(config, split.classes)
+    run = RunDir.create(out, prefix="train")
+    split.save(run.split_path)
+    run.write_config({"kind": "train", "status": "running", "train": config.to_dict(), "lr": config.resolved_lr()})
+    console.print(f"run folder: {run.root}")
+    console.print(report_split(split))
+    console.print(describe(model))
+    trainer = Trainer(run, config, split, progress)
+    trainer.setup(model)
+    return trainer.fit()
+
+
+def resume(run_dir: str | Path, progress: bool = True) -> TrainResult:
+    """Continue a run after its last complete epoch (e.g. after ``kill -9``)."""
+    run = RunDir.open(run_dir)
+    cfg = run.read_config()
+    if cfg.get("kind") != "train":
+        raise VitfabError(f"{run.root} is not a training run")
+    config = TrainConfig.from_dict(cfg["train"])
+    split = Split.load(run.split_path)
+    last = existing_dir(run.checkpoint("last"))
+    model = build_model(config, split.classes, with_weights=False)
+    trainer = Trainer(run, config, split, progress)
+    if last is None:  # killed before the first epoch ended: start over with the same split
+        model = build_model(config, split.classes)
+        trainer.setup(model)
+        run.truncate_metrics(-1)
+        console.print(f"resuming {run.root} from the start (no complete epoch)")
+        return trainer.fit()
+    model.load_state_dict(read_state_dict(last / "model.safetensors"))
+    model.vitfab_meta = read_meta(last)
+    trainer.setup(model)
+    state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
+    trainer.restore(state)
+    run.truncate_metrics(trainer.start_epoch - 1)
+    if trainer.start_epoch >= config.epochs and cfg.get("status") == "done":
+        console.print(f"{run.root} has already finished all {config.epochs} epochs")
+    else:
+        console.print(f"resuming {run.root} at epoch {trainer.start_epoch + 1}/{config.epochs}")
+    return trainer.fit()
