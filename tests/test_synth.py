@@ -63,7 +63,7 @@ DEFECT_SLICES = {
 def test_each_defect_lives_in_its_slices(label, seed):
     good, info_g = render_bga("good", np.random.default_rng(seed), 64, 0.5, noise=False)
     bad, info_b = render_bga(label, np.random.default_rng(seed), 64, 0.5, noise=False)
-    assert info_g["ball"] == info_b["ball"]
+    assert info_g["balls"][0] == info_b["balls"][0]
     diff = np.abs(good - bad).reshape(3, -1).max(axis=1)
     changed = {c for c in range(3) if diff[c] > 0.02}
     assert changed == DEFECT_SLICES[label], (label, diff)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
-import click
 import typer
 import yaml
 from rich.console import Console
@@ -57,7 +56,7 @@ def _print_metrics(m: dict[str, Any]) -> None:
 def run(
     data: Optional[Path] = typer.Option(None, help="ImageFolder dataset; default: synthesise the X-ray set."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/run-<time>)."),
-    epochs: int = typer.Option(12, help="Baseline training epochs."),
+    epochs: int = typer.Option(15, help="Baseline training epochs."),
     n_per_class: int = typer.Option(150, help="Synthetic images per class (without --data)."),
     difficulty: float = typer.Option(0.5, help="Synthetic defect subtlety, 0..1."),
     model: str = typer.Option("deit_tiny_patch16_224", help="timm ViT for the small baseline."),
@@ -102,7 +101,7 @@ def train(
     weights: Optional[Path] = typer.Option(None, help="Start from a local .safetensors/.pth/.pt file."),
     epochs: int = typer.Option(30),
     batch_size: int = typer.Option(64),
-    lr: Optional[float] = typer.Option(None, help="Peak LR (default 1e-3 from scratch, 1e-4 from weights)."),
+    lr: Optional[float] = typer.Option(None, help="Peak LR (default 5e-4 from scratch, 1e-4 from weights)."),
     weight_decay: float = typer.Option(0.05),
     warmup_epochs: float = typer.Option(2.0),
     min_lr: float = typer.Option(1e-6),
@@ -283,18 +282,18 @@ def data_info(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors print one line on stderr and exit 2, never a traceback."""
+    """Entry point: user errors print one line on stderr and exit 2, never a traceback.
+
+    Usage errors (unknown option, missing value) are reported by typer itself, also with 2.
+    """
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="vitfab")
+    except SystemExit as exc:  # typer's standalone mode: --help, usage errors, Exit
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except VitfabError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
     return 0

@@ -16,7 +16,7 @@ from .data.synth import CLASSES, SynthConfig, synthesize
 from .progress import console, task
 from .rundir import RunDir
 from .train import TrainConfig, TrainResult, train
-from .train.loop import prepare_split
+from .train.loop import check_config, prepare_split
 
 
 @dataclass
@@ -28,7 +28,7 @@ class MainJobConfig:
     model: str = "deit_tiny_patch16_224"
     img_size: int = 64
     patch_size: int = 8
-    epochs: int = 12
+    epochs: int = 15
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"
@@ -39,7 +39,7 @@ def run_main_job(config: MainJobConfig, out: str | Path | None = None, progress:
     tc = TrainConfig(data=config.data or "", model=config.model, img_size=config.img_size,
                      patch_size=config.patch_size, epochs=config.epochs, batch_size=config.batch_size,
                      seed=config.seed, device=config.device, warmup_epochs=min(2.0, config.epochs / 5))
-    tc.validate()
+    check_config(tc)
     split = prepare_split(tc, progress) if config.data else None  # bad data: fail before writing
     run = RunDir.create(out, prefix="run")
     run.write_config({"kind": "main", "status": "running", "main": asdict(config)})

@@ -8,13 +8,14 @@ We render three slices of a ball-grid array as the three channels of an image:
 - channel 2, die side: the smaller joint at the die / component side.
 
 Solder attenuates strongly, so balls are dark on a bright background (transmission model
-``I = I0 * exp(-attenuation)``). Each image of a defect class carries one defect on an
-interior ball:
+``I = I0 * exp(-attenuation)``). Each image of a defect class carries its defect on one or
+more interior balls (more of them, on average, at low difficulty):
 
 - ``void``: a gas void, a bright blob inside a dark ball (mid-plane);
 - ``bridge``: solder joining a ball to its neighbour (mid-plane);
 - ``missing_ball``: the pad is there, the ball is not (mid-plane and die side);
-- ``misaligned``: the ball sits off its pad (mid-plane and die side shifted, pad not);
+- ``misaligned``: the component is placed off its pads: every ball is shifted in the
+  mid-plane and die-side slices, the pads are not;
 - ``non_wet``: head-in-pillow: ball and pad look normal in two slices, but separate in the
   substrate slice only, as a bright gap ring - the reason a 3D volume beats a 2D shadow;
 - ``crack``: a thin bright crack across the die-side joint.
@@ -126,18 +127,25 @@ def render_bga(label: str, rng: np.random.Generator, size: int, difficulty: floa
         return np.sqrt(dx2 + dy2)
 
     interior = np.where(np.all((pos > 0.22 * size) & (pos < 0.78 * size), axis=1))[0]
-    k = int(rng.choice(interior)) if len(interior) else int(np.argmin(np.abs(pos - size / 2).sum(1)))
-    info: dict = {"label": label, "grid": g, "pitch": round(float(pitch), 2), "ball": k}
+    if not len(interior):
+        interior = np.array([int(np.argmin(np.abs(pos - size / 2).sum(1)))])
+    k = int(rng.choice(interior))  # drawn from the scene: the same for every label
+    # a defect rarely comes alone: more defective joints when defects are blatant
+    extra = int(defect_rng.poisson(_lerp(1.5, 0.2, d)))
+    others = [i for i in interior if i != k]
+    ks = [k] + [int(i) for i in defect_rng.permutation(others)[:extra]]
+    info: dict = {"label": label, "grid": g, "pitch": round(float(pitch), 2), "balls": ks}
 
     scale_ball = np.ones(n)  # ball present (1) / missing (0) in slices 1-2
     if label == "missing_ball":
         residue = _lerp(0.0, 0.3, d)
-        scale_ball[k] = residue
+        scale_ball[ks] = residue
         info["residue"] = round(residue, 3)
     if label == "misaligned":
-        shift = radius * _lerp(0.65, 0.3, d)
+        # component placement error: every ball sits off its pad by the same offset
+        shift = radius * _lerp(0.55, 0.22, d)
         phi = defect_rng.uniform(0, 2 * np.pi)
-        pos_ball[k] += shift * np.array([np.cos(phi), np.sin(phi)])
+        pos_ball += shift * np.array([np.cos(phi), np.sin(phi)])
         info["shift_px"] = round(float(shift), 2)
 
     d_pad = dist(pos)
@@ -155,10 +163,10 @@ def render_bga(label: str, rng: np.random.Generator, size: int, difficulty: floa
         # head-in-pillow: in the substrate slice the ball rests on the paste without merging:
         # a bright gap ring separates the inner contact from the pad's rim.
         gap = _lerp(0.75, 0.4, d)
-        ring_r = 0.55 * radii[k]
         ring_w = _lerp(1.3, 0.8, d) * s
-        ring = np.exp(-0.5 * ((d_pad[k] - ring_r) / ring_w) ** 2)
-        pads[k] *= 1 - gap * ring
+        for k in ks:
+            ring = np.exp(-0.5 * ((d_pad[k] - 0.55 * radii[k]) / ring_w) ** 2)
+            pads[k] *= 1 - gap * ring
         info["gap"] = round(gap, 3)
 
     att = np.stack([pads.sum(0), balls.sum(0), dies.sum(0)])
@@ -175,28 +183,26 @@ def render_bga(label: str, rng: np.random.Generator, size: int, difficulty: floa
         vd = np.hypot(xx - pos_ball[i, 0] - off[0], yy - pos_ball[i, 1] - off[1])
         att[1] -= A_BALL * 0.5 * _soft_disc(vd, radii[i] * rng.uniform(0.08, 0.14), edge) * scale_ball[i]
 
-    if label == "void":
-        vr = radii[k] * _lerp(0.5, 0.26, d) * defect_rng.uniform(0.9, 1.1)
-        off = defect_rng.uniform(-1, 1, 2) * (radii[k] - vr) * 0.6
-        vd = np.hypot(xx - pos_ball[k, 0] - off[0], yy - pos_ball[k, 1] - off[1])
-        att[1] -= A_BALL * _lerp(0.9, 0.6, d) * _soft_disc(vd, vr, edge)
-        info["void_radius_px"] = round(float(vr), 2)
-    if label == "bridge":
-        nbrs = [j for j in range(n) if j != k and np.hypot(*(pos[j] - pos[k])) < 1.2 * pitch]
-        j = int(defect_rng.choice(nbrs))
-        width = radii[k] * _lerp(0.7, 0.3, d)
-        seg = _segment_distance(xx, yy, *pos_ball[k], *pos_ball[j])
-        bar = _soft_disc(seg, width / 2, edge)
-        # only add where the balls are not already (the bridge fills the gap between them)
-        att[1] += A_BALL * _lerp(1.0, 0.7, d) * bar * np.clip(1 - balls.sum(0) / A_BALL, 0, 1)
-        info["bridge_to"] = j
-    if label == "crack":
-        phi = defect_rng.uniform(0, np.pi)
-        r2 = 0.7 * radii[k]
-        a = pos_ball[k] - r2 * np.array([np.cos(phi), np.sin(phi)])
-        b = pos_ball[k] + r2 * np.array([np.cos(phi), np.sin(phi)])
-        line = _soft_disc(_segment_distance(xx, yy, *a, *b), _lerp(0.9, 0.55, d) * s, 0.4 * s)
-        att[2] -= A_DIE * _lerp(0.9, 0.6, d) * line * _soft_disc(d_ball[k], r2, edge)
+    for k in ks:
+        if label == "void":
+            vr = radii[k] * _lerp(0.5, 0.26, d) * defect_rng.uniform(0.9, 1.1)
+            off = defect_rng.uniform(-1, 1, 2) * (radii[k] - vr) * 0.6
+            vd = np.hypot(xx - pos_ball[k, 0] - off[0], yy - pos_ball[k, 1] - off[1])
+            att[1] -= A_BALL * _lerp(0.9, 0.6, d) * _soft_disc(vd, vr, edge)
+        elif label == "bridge":
+            nbrs = [j for j in range(n) if j != k and np.hypot(*(pos[j] - pos[k])) < 1.2 * pitch]
+            j = int(defect_rng.choice(nbrs))
+            width = radii[k] * _lerp(0.7, 0.3, d)
+            bar = _soft_disc(_segment_distance(xx, yy, *pos_ball[k], *pos_ball[j]), width / 2, edge)
+            # the bridge fills the gap between the balls, not the balls themselves
+            att[1] += A_BALL * _lerp(1.0, 0.7, d) * bar * np.clip(1 - balls.sum(0) / A_BALL, 0, 1)
+        elif label == "crack":
+            phi = defect_rng.uniform(0, np.pi)
+            r2 = 0.7 * radii[k]
+            a = pos_ball[k] - r2 * np.array([np.cos(phi), np.sin(phi)])
+            b = pos_ball[k] + r2 * np.array([np.cos(phi), np.sin(phi)])
+            line = _soft_disc(_segment_distance(xx, yy, *a, *b), _lerp(0.9, 0.55, d) * s, 0.4 * s)
+            att[2] -= A_DIE * _lerp(0.9, 0.6, d) * line * _soft_disc(d_ball[k], r2, edge)
 
     att = np.clip(att, 0, None)
 

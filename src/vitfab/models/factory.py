@@ -18,7 +18,7 @@ from .weights import load_weights
 BASELINE = "deit_base_patch16_224"
 
 
-def _check_name(name: str) -> None:
+def check_model_name(name: str) -> None:
     if timm.is_model(name):
         return
     candidates = timm.list_models("*vit*") + timm.list_models("deit*")
@@ -46,7 +46,7 @@ def create_model(
     ``.safetensors`` or ``.pth/.pt`` file. With a different class count the classifier head
     is re-initialised. The returned model carries ``model.vitfab_meta`` (a :class:`ModelMeta`).
     """
-    _check_name(name)
+    check_model_name(name)
     if pretrained and weights:
         raise VitfabError("use either --pretrained (hub weights) or --weights PATH, not both")
     if classes is not None:

@@ -21,7 +21,7 @@ class TrainConfig:
     # the DeiT fine-tuning recipe
     epochs: int = 30
     batch_size: int = 64
-    lr: float | None = None  # None: 1e-3 from scratch, 1e-4 from pretrained/local weights
+    lr: float | None = None  # None: 5e-4 from scratch, 1e-4 from pretrained/local weights
     weight_decay: float = 0.05
     warmup_epochs: float = 2.0
     min_lr: float = 1e-6
@@ -46,7 +46,7 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 1e-4 if (self.pretrained or self.weights) else 1e-3
+        return 1e-4 if (self.pretrained or self.weights) else 5e-4
 
     def validate(self) -> None:
         checks = [

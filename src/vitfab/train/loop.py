@@ -36,7 +36,7 @@ from ..evaluate.metrics import classification_metrics
 from ..evaluate.runner import collect_logits, make_eval_loader, plot_confusion
 from ..files import existing_dir, write_json_atomic
 from ..models.checkpoint import STATE_FILE, load_model, read_meta, save_checkpoint
-from ..models.factory import create_model, describe
+from ..models.factory import check_model_name, create_model, describe
 from ..models.weights import read_state_dict
 from ..progress import console, make_progress, task
 from ..rundir import RunDir
@@ -311,6 +311,15 @@ def _brief(val: dict[str, Any] | None) -> dict[str, Any]:
     return {k: val[k] for k in ("top1", "macro_f1", "loss", "escape_rate", "overkill_rate") if k in val}
 
 
+def check_config(config: TrainConfig) -> None:
+    """The cheap checks, before any image is read: values, device, model name, weights file."""
+    config.validate()
+    resolve_amp(config.amp, resolve_device(config.device))
+    check_model_name(config.model)
+    if config.weights and not Path(config.weights).is_file():
+        raise VitfabError(f"weights file not found: {config.weights}")
+
+
 def train(
     config: TrainConfig, out: str | Path | None = None, progress: bool = True, split: Split | None = None
 ) -> TrainResult:
@@ -318,10 +327,9 @@ def train(
 
     Every check (config, device, data, model, weights) runs before the run folder is made.
     """
-    config.validate()
-    resolve_device(config.device)
-    resolve_amp(config.amp, resolve_device(config.device))
+    check_config(config)
     split = split or prepare_split(config, progress)
+    seed_everything(config.seed)  # the initial weights depend on the seed alone
     model = build_model(config, split.classes)
     run = RunDir.create(out, prefix="train")
     split.save(run.split_path)
@@ -346,6 +354,7 @@ def resume(run_dir: str | Path, progress: bool = True) -> TrainResult:
     model = build_model(config, split.classes, with_weights=False)
     trainer = Trainer(run, config, split, progress)
     if last is None:  # killed before the first epoch ended: start over with the same split
+        seed_everything(config.seed)
         model = build_model(config, split.classes)
         trainer.setup(model)
         run.truncate_metrics(-1)
