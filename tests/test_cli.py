@@ -4,12 +4,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from vitfab.cli import main
-from vitfab.models import create_model
-
-from conftest import write_image
 
 TINY_ARGS = ["--model", "deit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8",
              "--model-arg", "depth=1", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2"]

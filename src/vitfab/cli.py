@@ -56,23 +56,23 @@ def _print_metrics(m: dict[str, Any]) -> None:
 def run(
     data: Optional[Path] = typer.Option(None, help="ImageFolder dataset; default: synthesise the X-ray set."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/run-<time>)."),
-    epochs: int = typer.Option(15, help="Baseline training epochs."),
-    n_per_class: int = typer.Option(150, help="Synthetic images per class (without --data)."),
-    difficulty: float = typer.Option(0.5, help="Synthetic defect subtlety, 0..1."),
-    model: str = typer.Option("deit_tiny_patch16_224", help="timm ViT for the small baseline."),
-    img_size: int = typer.Option(64, help="Input size of the small baseline."),
-    patch_size: int = typer.Option(8, help="Patch size of the small baseline."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    epochs: Optional[int] = typer.Option(None, help="Baseline training epochs [default: 16]."),
+    n_per_class: Optional[int] = typer.Option(None, help="Synthetic images per class [default: 200]."),
+    difficulty: Optional[float] = typer.Option(None, help="Synthetic defect subtlety, 0..1 [default: 0.5]."),
+    model: Optional[str] = typer.Option(None, help="timm ViT of the small baseline [default: deit_tiny_patch16_224]."),
+    img_size: Optional[int] = typer.Option(None, help="Input size of the small baseline [default: 64]."),
+    patch_size: Optional[int] = typer.Option(None, help="Patch size of the small baseline [default: 8]."),
+    seed: Optional[int] = typer.Option(None, help="Seed of data, split and training [default: 0]."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [default: auto]."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """The main job: data (synthetic by default) -> small DeiT baseline -> test metrics."""
     from .pipeline import MainJobConfig, run_main_job
 
-    cfg = MainJobConfig(data=str(data) if data else None, n_per_class=n_per_class, difficulty=difficulty,
-                        model=model, img_size=img_size, patch_size=patch_size, epochs=epochs, seed=seed,
-                        device=device)
+    given = dict(data=str(data) if data else None, n_per_class=n_per_class, difficulty=difficulty, model=model,
+                 img_size=img_size, patch_size=patch_size, epochs=epochs, seed=seed, device=device)
+    cfg = MainJobConfig(**{k: v for k, v in given.items() if v is not None})
     summary = run_main_job(cfg, out, progress)
     if as_json:
         _print_json(summary)
@@ -166,6 +166,8 @@ def eval_(
     pretrained: bool = typer.Option(False, help="With --model: timm's hub weights."),
     weights: Optional[Path] = typer.Option(None, help="With --model: a local weights file."),
     img_size: Optional[int] = typer.Option(None, help="With --model: input size override."),
+    patch_size: Optional[int] = typer.Option(None, help="With --model: patch size override."),
+    model_arg: List[str] = typer.Option([], help="With --model: extra timm argument KEY=VALUE; repeatable."),
     data: Optional[Path] = typer.Option(None, help="Labelled folder (for --run: where the run's data now lives)."),
     split: str = typer.Option("test", help="With --run: train, val, test or all."),
     good_class: Optional[str] = typer.Option(None, help="Class meaning 'no defect' (default: good/normal/ok)."),
@@ -195,7 +197,8 @@ def eval_(
         else:
             if not (pretrained or weights):
                 raise VitfabError("--model needs --pretrained or --weights PATH (an untrained model is noise)")
-            net = create_model(model, img_size=img_size, pretrained=pretrained, weights=weights).to(dev).eval()
+            net = create_model(model, img_size=img_size, patch_size=patch_size, pretrained=pretrained,
+                               weights=weights, **_parse_model_args(model_arg)).to(dev).eval()
         m, where = evaluate_folder(net, data, out, dev, good_class, batch_size, skip_bad_images, progress)
     if as_json:
         _print_json(m)
@@ -261,11 +264,9 @@ def data_info(
     progress: bool = typer.Option(True),
 ):
     """Check every image; print class counts and the imbalance ratio."""
-    from .data.images import count_images, scan_image_folder
-    from .progress import task
+    from .data.images import scan_checked
 
-    with task("checking images", total=count_images(data), enabled=progress) as advance:
-        index = scan_image_folder(data, skip_bad=skip_bad_images, on_progress=advance)
+    index = scan_checked(data, skip_bad_images, progress)
     counts = index.class_counts()
     ratio = max(counts.values()) / max(min(counts.values()), 1)
     if as_json:
@@ -277,8 +278,6 @@ def data_info(
         out_console.print(f"{c:<{width}}  {n:6d}", highlight=False)
     out_console.print(f"{len(index.samples)} images, {len(counts)} classes, imbalance {ratio:.2f}",
                       highlight=False)
-    for path, reason in index.skipped:
-        out_console.print(f"skipped {path}: {reason}", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:

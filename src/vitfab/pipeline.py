@@ -22,13 +22,13 @@ from .train.loop import check_config, prepare_split
 @dataclass
 class MainJobConfig:
     data: str | None = None  # None: synthesise
-    n_per_class: int = 150
-    synth_img_size: int = 64
+    n_per_class: int = 200
+    synth_img_size: int | None = None  # None: the baseline's img_size
     difficulty: float = 0.5
     model: str = "deit_tiny_patch16_224"
     img_size: int = 64
     patch_size: int = 8
-    epochs: int = 15
+    epochs: int = 16
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"
@@ -40,18 +40,19 @@ def run_main_job(config: MainJobConfig, out: str | Path | None = None, progress:
                      patch_size=config.patch_size, epochs=config.epochs, batch_size=config.batch_size,
                      seed=config.seed, device=config.device, warmup_epochs=min(2.0, config.epochs / 5))
     check_config(tc)
-    split = prepare_split(tc, progress) if config.data else None  # bad data: fail before writing
+    # every check before anything is written: bad data or settings leave no half-made run folder
+    split = prepare_split(tc, progress) if config.data else None
+    synth = SynthConfig(n_per_class=config.n_per_class, img_size=config.synth_img_size or config.img_size,
+                        seed=config.seed, difficulty=config.difficulty)
     run = RunDir.create(out, prefix="run")
     run.write_config({"kind": "main", "status": "running", "main": asdict(config)})
     data = config.data
     if data is None:
         data = str(run.root / "data")
-        synth = SynthConfig(n_per_class=config.n_per_class, img_size=config.synth_img_size,
-                            seed=config.seed, difficulty=config.difficulty)
         with task("synthesising X-ray set", total=len(CLASSES) * config.n_per_class, enabled=progress) as adv:
             meta = synthesize(data, synth, on_progress=adv)
         console.print(f"synthetic data: {len(CLASSES)} classes x {config.n_per_class} images "
-                      f"at {config.synth_img_size} px in {meta['seconds']:.1f} s -> {data}")
+                      f"at {synth.img_size} px in {meta['seconds']:.1f} s -> {data}")
     tc.data = data
     result: TrainResult = train(tc, out=run.root / "baseline", progress=progress, split=split)
     summary = {

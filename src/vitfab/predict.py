@@ -9,11 +9,11 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .data.images import is_image_file, list_images, load_image
+from .data.images import SKIP_HINT, is_image_file, list_images, load_image, report_skipped
 from .data.transforms import eval_transform
 from .errors import DataError
 from .files import write_text_atomic
-from .progress import console, task
+from .progress import task
 from .runtime import autocast
 
 
@@ -64,7 +64,7 @@ def predict_images(
                     names.append(p)
                 except DataError as exc:
                     if not skip_bad:
-                        raise DataError(f"{exc} (use --skip-bad-images to skip such files)") from None
+                        raise DataError(f"{exc} ({SKIP_HINT})") from None
                     skipped.append((str(p), str(exc)))
             if batch:
                 with autocast(device, amp):
@@ -79,10 +79,7 @@ def predict_images(
                         "topk": [(meta.classes[i], p) for i, p in zip(idx, ps)],
                     })
             advance(min(batch_size, len(paths) - start))
-    if skipped:
-        console.print(f"[yellow]warning:[/] skipped {len(skipped)} unreadable image(s):")
-        for path, reason in skipped:
-            console.print(f"  {path}: {reason}")
+    report_skipped(skipped)
     return rows, skipped
 
 

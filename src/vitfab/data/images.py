@@ -161,3 +161,26 @@ def count_images(root: str | Path) -> int:
     """How many image files an ImageFolder holds (for sizing a progress bar)."""
     root = Path(root)
     return sum(len(list_images(root / c)) for c in list_class_folders(root))
+
+
+def report_skipped(skipped: list[tuple[str, str]]) -> None:
+    """The warning that lists the images ``--skip-bad-images`` left out."""
+    if not skipped:
+        return
+    from ..progress import console
+
+    console.print(f"[yellow]warning:[/] skipped {len(skipped)} unreadable image(s):")
+    for path, reason in skipped:
+        console.print(f"  {path}: {reason}", highlight=False, markup=False)
+
+
+def scan_checked(
+    root: str | Path, skip_bad: bool = False, progress: bool = True, classes: list[str] | None = None
+) -> ImageFolderIndex:
+    """:func:`scan_image_folder` with a progress bar and the skipped-images warning."""
+    from ..progress import task
+
+    with task("checking images", total=count_images(root), enabled=progress) as advance:
+        index = scan_image_folder(root, skip_bad=skip_bad, on_progress=advance, classes=classes)
+    report_skipped(index.skipped)
+    return index

@@ -8,12 +8,11 @@ from typing import Any
 
 import torch
 
-from ..data.images import count_images, scan_image_folder
+from ..data.images import scan_checked
 from ..data.split import Split
 from ..errors import DataError
 from ..files import write_json_atomic
 from ..models.checkpoint import load_model
-from ..progress import console, task
 from ..rundir import RunDir
 from .runner import evaluate_model, plot_confusion
 
@@ -71,13 +70,9 @@ def evaluate_folder(
     """Every image of an ImageFolder whose class folders are named after the model's classes
     (for ImageNet-1k models: the synset ids of the standard val layout)."""
     classes = model.vitfab_meta.classes
-    total = count_images(data)
-    with task("checking images", total=total, enabled=progress) as advance:
-        index = scan_image_folder(data, skip_bad=skip_bad, on_progress=advance, classes=classes)
+    index = scan_checked(data, skip_bad, progress, classes=classes)
     if not index.samples:
         raise DataError(f"no images of the model's classes in {data}")
-    for path, reason in index.skipped:
-        console.print(f"[yellow]warning:[/] skipped {path}: {reason}")
     m = evaluate_model(model, data, index.samples, classes, device, good_class=good_class,
                        batch_size=batch_size, progress=progress)
     m = _compact(m)

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..data.dataset import ImageListDataset
-from ..data.images import scan_image_folder, count_images
+from ..data.images import scan_checked
 from ..data.split import Split, make_split
-from ..data.transforms import eval_transform, train_transform
+from ..data.transforms import train_transform
 from ..errors import VitfabError
 from ..evaluate.metrics import classification_metrics
 from ..evaluate.runner import collect_logits, make_eval_loader, plot_confusion
@@ -38,7 +38,7 @@ from ..files import existing_dir, write_json_atomic
 from ..models.checkpoint import STATE_FILE, load_model, read_meta, save_checkpoint
 from ..models.factory import check_model_name, create_model, describe
 from ..models.weights import read_state_dict
-from ..progress import console, make_progress, task
+from ..progress import console, make_progress
 from ..rundir import RunDir
 from ..runtime import autocast, default_workers, resolve_amp, resolve_device
 from .config import TrainConfig
@@ -79,13 +79,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int, base_lr: float, min_lr: f
 
 def prepare_split(config: TrainConfig, progress: bool = True) -> Split:
     """Scan and check the data folder, then draw the seeded stratified split."""
-    total = count_images(config.data)
-    with task("checking images", total=total, enabled=progress) as advance:
-        index = scan_image_folder(config.data, skip_bad=config.skip_bad_images, on_progress=advance)
-    if index.skipped:
-        console.print(f"[yellow]warning:[/] skipped {len(index.skipped)} unreadable image(s):")
-        for path, reason in index.skipped:
-            console.print(f"  {path}: {reason}")
+    index = scan_checked(config.data, config.skip_bad_images, progress)
     return make_split(index, config.val_fraction, config.test_fraction, config.seed, config.max_per_class)
 
 
@@ -128,13 +122,16 @@ class Trainer:
         g = torch.Generator().manual_seed(epoch_seed(self.config.seed, epoch))
         mixing = bool(self.config.mixup or self.config.cutmix)
         drop_last = mixing or len(ds) >= 4 * self.config.batch_size
+        batch = min(self.config.batch_size, len(ds))
+        if mixing:  # mixup pairs images: it needs an even batch
+            batch = max(2, batch - batch % 2)
         return DataLoader(
             ds,
-            batch_size=min(self.config.batch_size, len(ds)),
+            batch_size=batch,
             shuffle=True,
             generator=g,
             num_workers=self.workers,
-            drop_last=drop_last and len(ds) >= self.config.batch_size,
+            drop_last=drop_last and len(ds) >= batch,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
