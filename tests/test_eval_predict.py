@@ -60,13 +60,14 @@ def test_eval_checkpoint_on_folder_matches_manual_forward(capsys, trained_run, s
 
 def test_eval_imagenet_layout_maps_synsets(capsys, tmp_path):
     """The val layout has one folder per synset; labels must follow ImageNet's index, not the
-    folder order. A rigged 1000-class model always predicts index 2 (n01484850)."""
+    folder order. A rigged 1000-class model always predicts index 2 (n01484850), then 1."""
     model = create_model("deit_tiny_patch16_224", num_classes=1000, img_size=32, patch_size=8, depth=1,
                          embed_dim=32, num_heads=2)
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.fill_(-10.0)
         model.head.bias[2] = 10.0
+        model.head.bias[1] = 5.0  # runner-up: n01443537 is in every top-5
     torch.save(model.state_dict(), tmp_path / "w.pth")
     val = tmp_path / "val"
     for syn in ("n01443537", "n01484850"):  # ImageNet indices 1 and 2; folder positions 0 and 1

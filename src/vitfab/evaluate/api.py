@@ -75,9 +75,9 @@ def evaluate_folder(
         raise DataError(f"no images of the model's classes in {data}")
     m = evaluate_model(model, data, index.samples, classes, device, good_class=good_class,
                        batch_size=batch_size, progress=progress)
+    out = Path(out) if out is not None else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    plot_confusion(m, out / "confusion.png")  # from the full matrix, before compacting
     m = _compact(m)
     m.update(data=str(Path(data).resolve()), model=model.vitfab_meta.name)
-    out = Path(out) if out is not None else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     write_json_atomic(out / "metrics.json", m)
-    plot_confusion(m, out / "confusion.png")
     return m, out
