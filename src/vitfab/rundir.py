@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import VitfabError
-from .files import existing_dir, read_json, write_json_atomic
+from .files import existing_dir, read_json, write_json_atomic, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,4 @@ class RunDir:
     def truncate_metrics(self, after_epoch: int) -> None:
         """Keep epoch records up to ``after_epoch`` (a resumed run rewrites the rest)."""
         rows = [r for r in self.read_metrics() if r.get("epoch", -1) <= after_epoch]
-        from .files import write_text_atomic
-
         write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
