@@ -94,6 +94,8 @@ def report_split(split: Split) -> str:
 
 
 def build_model(config: TrainConfig, classes: list[str], with_weights: bool = True):
+    """The model of a run; its initial weights depend on ``config.seed`` alone."""
+    seed_everything(config.seed)
     model = create_model(
         config.model,
         classes=classes,
@@ -326,7 +328,6 @@ def train(
     """
     check_config(config)
     split = split or prepare_split(config, progress)
-    seed_everything(config.seed)  # the initial weights depend on the seed alone
     model = build_model(config, split.classes)
     run = RunDir.create(out, prefix="train")
     split.save(run.split_path)
@@ -351,7 +352,6 @@ def resume(run_dir: str | Path, progress: bool = True) -> TrainResult:
     model = build_model(config, split.classes, with_weights=False)
     trainer = Trainer(run, config, split, progress)
     if last is None:  # killed before the first epoch ended: start over with the same split
-        seed_everything(config.seed)
         model = build_model(config, split.classes)
         trainer.setup(model)
         run.truncate_metrics(-1)
