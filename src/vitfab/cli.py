@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -233,6 +234,132 @@ def predict(
     write_predictions_csv(rows, out)
     out_console.print(f"{len(rows)} predictions -> {out}" + (f" ({len(skipped)} skipped)" if skipped else ""),
                       highlight=False)
+
+
+# --------------------------------------------------------------------------- measurement
+def _split_list(value: str, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise VitfabError(f"{what} is empty")
+    return items
+
+
+def _fmt(v: float | None, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+@app.command()
+def bench(
+    model: Optional[str] = typer.Option(None, help="timm model name (random weights; speed does not depend on them)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A vitfab checkpoint or run folder."),
+    precision: str = typer.Option("fp32", help="fp32, fp16, bf16, int8 or auto; a comma list compares several."),
+    tome_r: str = typer.Option("0", help="ToMe tokens merged per block; a comma list compares several."),
+    batch_size: Optional[int] = typer.Option(None, help="Throughput batch [default: 16 on CPU, 256 on CUDA]."),
+    img_size: Optional[int] = typer.Option(None, help="With --model: input size override."),
+    vs: List[str] = typer.Option([], help="Another configuration, KEY=VALUE[,KEY=VALUE] changed from the first "
+                                          "(keys: model, checkpoint, precision, tome_r, batch_size, img_size, method, "
+                                          "label); repeatable."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    data: Optional[Path] = typer.Option(None, help="Labelled folder: also measure top-1 of each configuration."),
+    tolerance: float = typer.Option(0.01, help="--precision auto: allowed top-1 drop vs fp32 (0.01 = one point)."),
+    repeats: int = typer.Option(5, help="Throughput repeats per configuration (median reported)."),
+    min_repeat_seconds: float = typer.Option(1.0, help="Each throughput repeat lasts at least this long."),
+    latency_runs: int = typer.Option(50, help="Batch-1 calls per configuration for the latency percentiles."),
+    energy: bool = typer.Option(True, help="Measure J/img with NVML (GPU) or RAPL (CPU) where readable."),
+    energy_seconds: float = typer.Option(3.0, help="Energy window per configuration."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads [default: torch's choice]."),
+    out: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
+    progress: bool = typer.Option(True),
+):
+    """Params, MACs, img/s, batch-1 latency, peak memory, J/img; several configurations interleaved."""
+    from .files import write_json_atomic
+    from .measure.bench import BenchConfig, benchmark, bench_report
+    from .runtime import resolve_device
+
+    if (model is None) == (checkpoint is None):
+        raise VitfabError("give exactly one of --model NAME or --checkpoint PATH")
+    rs = []
+    for r in _split_list(tome_r, "--tome-r"):
+        try:
+            rs.append(int(r))
+        except ValueError:
+            raise VitfabError(f"--tome-r expects integers, got '{r}'") from None
+    base = BenchConfig(model=model, checkpoint=str(checkpoint) if checkpoint else None, batch_size=batch_size,
+                       img_size=img_size)
+    configs = [dataclasses.replace(base, precision=p, tome_r=r)
+               for p in _split_list(precision, "--precision") for r in rs]
+    configs += [configs[0].with_overrides(spec) for spec in vs]
+    for c in configs:
+        c.validate()
+    dev = resolve_device(device)
+    ms = benchmark(configs, dev, repeats=repeats, min_repeat_seconds=min_repeat_seconds, latency_runs=latency_runs,
+                   energy=energy, energy_seconds=energy_seconds, threads=threads, data=data, tolerance=tolerance,
+                   progress=progress)
+    report = bench_report(ms)
+    if out is not None:
+        write_json_atomic(out, report)
+    if as_json:
+        _print_json(report)
+        return
+    from rich.table import Table
+
+    console = out_console if out_console.is_terminal else Console(width=160)
+    table = Table(title=f"{ms[0].device_name} ({ms[0].device}, {ms[0].threads} threads)", title_justify="left")
+    for col in ("config", "params", "GMACs", "batch", "img/s", "x", "p50 ms", "p99 ms", "peak MiB", "J/img",
+                "top-1"):
+        table.add_column(col, justify="left" if col == "config" else "right")
+    for m, r in zip(ms, report["ratios_vs_first"]):
+        acc = None if m.accuracy is None else 100 * m.accuracy
+        table.add_row(m.label, f"{m.params / 1e6:.2f}M", f"{m.gmacs:.3f}", str(m.batch_size), f"{m.img_per_s:.1f}",
+                      f"{r['speedup']:.2f}", f"{m.latency_ms['p50']:.1f}", f"{m.latency_ms['p99']:.1f}",
+                      _fmt(m.peak_memory_mb, ".0f"), _fmt(m.joules_per_img, ".4f"), _fmt(acc, ".2f"))
+    console.print(table)
+    notes = {m.energy.reason for m in ms if m.energy.reason}
+    for note in sorted(notes):
+        console.print(f"J/img unavailable: {note}", highlight=False)
+    console.print(f"peak memory: {ms[0].memory_kind}; x = img/s vs the first row; "
+                      f"img/s = median of {len(ms[0].img_per_s_runs)} interleaved repeats"
+                      + (f"; top-1 on {ms[0].accuracy_on}" if ms[0].accuracy_on else ""), highlight=False)
+
+
+@app.command("precision")
+def precision_(
+    checkpoint: Path = typer.Option(..., help="A vitfab checkpoint or run folder (its val split is used)."),
+    data: Optional[Path] = typer.Option(None, help="Labelled folder to check accuracy on [default: the run's val split]."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    tolerance: float = typer.Option(0.01, help="Allowed top-1 drop vs fp32 (0.01 = one point)."),
+    candidates: Optional[str] = typer.Option(None, help="Comma list of modes to try [default: all that run here]."),
+    repeats: int = typer.Option(3, help="Throughput repeats per mode."),
+    as_json: bool = typer.Option(False, "--json"),
+    progress: bool = typer.Option(True),
+):
+    """Resolve --precision auto: measure every mode, keep the fastest within tolerance of fp32."""
+    from .evaluate.api import labelled_samples
+    from .evaluate.runner import make_eval_loader
+    from .models import load_model
+    from .precision import accuracy_table, parse_precision, select_precision
+    from .runtime import resolve_device
+
+    dev = resolve_device(device)
+    modes = [parse_precision(p, allow_auto=False) for p in _split_list(candidates, "--candidates")] if candidates else None
+    net = load_model(checkpoint, "cpu")
+    source = labelled_samples(net, str(checkpoint), data, progress)
+    if source is None:
+        raise VitfabError("no labelled data: give --data DIR, or a run folder whose data is still in place")
+    root, samples, desc = source
+    loader = make_eval_loader(root, samples, net.vitfab_meta.preprocess)
+    choice = select_precision(net, loader, dev, tolerance, modes, repeats=repeats, progress=progress)
+    if as_json:
+        _print_json({**choice.to_dict(), "data": desc})
+        return
+    out_console.print(f"top-1 on {desc}, {dev}:", highlight=False)
+    for row in accuracy_table(choice):
+        acc = _fmt(None if row["accuracy"] is None else 100 * row["accuracy"], "6.2f", "     -")
+        out_console.print(f"  {row['precision']:<5} top-1 {acc}%  change {_fmt(row['delta_points'], '+6.2f', '     -')}"
+                          f"  img/s {_fmt(row['img_per_s'], '8.1f', '       -')}  x {_fmt(row['speedup'], '5.2f', '    -')}"
+                          f"  {row['reason']}", highlight=False)
+    out_console.print(f"chosen: {choice.precision}", highlight=False)
 
 
 # --------------------------------------------------------------------------- data

@@ -81,3 +81,23 @@ def evaluate_folder(
     m.update(data=str(Path(data).resolve()), model=model.vitfab_meta.name)
     write_json_atomic(out / "metrics.json", m)
     return m, out
+
+
+def labelled_samples(model: torch.nn.Module, checkpoint: str | None, data: str | Path | None, progress: bool = True):
+    """(root, samples, description) to check accuracy on, or None.
+
+    ``data``: every image of a labelled folder whose classes are the model's; otherwise a run
+    folder's validation split.
+    """
+    if data is not None:
+        index = scan_checked(data, progress=progress, classes=list(model.vitfab_meta.classes))
+        if not index.samples:
+            raise DataError(f"no images of the model's classes in {data}")
+        return Path(data), index.samples, f"{data} ({len(index.samples)} images)"
+    if checkpoint is not None and (Path(checkpoint) / "split.json").is_file():
+        run = RunDir.open(checkpoint)
+        split = Split.load(run.split_path)
+        samples = split.subset("val")
+        if samples and Path(split.root).is_dir():
+            return Path(split.root), samples, f"val split of {run.root.name} ({len(samples)} images)"
+    return None

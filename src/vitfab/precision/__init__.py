@@ -1,0 +1,28 @@
+"""The bit-width axis: fp32 / fp16 / bf16 / int8 execution, and ``auto`` that measures."""
+
+from .auto import (
+    DEFAULT_TOLERANCE,
+    PrecisionChoice,
+    PrecisionTrial,
+    accuracy_table,
+    choose_precision,
+    select_precision,
+    validation_accuracy,
+)
+from .cast import check_finite, prepare_model, quantize_linear_int8
+from .modes import (
+    AUTO,
+    PRECISION_CHOICES,
+    Precision,
+    PrecisionError,
+    candidate_precisions,
+    parse_precision,
+    unsupported_reason,
+)
+
+__all__ = [
+    "AUTO", "DEFAULT_TOLERANCE", "PRECISION_CHOICES", "Precision", "PrecisionChoice", "PrecisionError",
+    "PrecisionTrial", "accuracy_table", "candidate_precisions", "check_finite", "choose_precision",
+    "parse_precision", "prepare_model", "quantize_linear_int8", "select_precision", "unsupported_reason",
+    "validation_accuracy",
+]

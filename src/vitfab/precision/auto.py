@@ -1,0 +1,142 @@
+"""``auto``: measure every mode on the target device, keep the fastest that stays accurate.
+
+Nothing is assumed about the hardware: on a CPU without fast fp16 the fp16 trial is simply
+slow, and on one with native bf16 the bf16 trial is simply fast. A mode is accepted when its
+logits are finite and its validation top-1 is within ``tolerance`` of fp32's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..progress import task
+from .cast import check_finite, prepare_model
+from .modes import Precision, PrecisionError, candidate_precisions
+
+DEFAULT_TOLERANCE = 0.01  # top-1, absolute (one point)
+
+
+@dataclass
+class PrecisionTrial:
+    precision: str
+    accuracy: float | None = None
+    img_per_s: float | None = None
+    accepted: bool = False
+    reason: str = ""
+
+
+@dataclass
+class PrecisionChoice:
+    precision: Precision
+    device: str
+    tolerance: float
+    reference_accuracy: float
+    trials: list[PrecisionTrial] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"precision": self.precision.value, "device": self.device, "tolerance": self.tolerance,
+                "reference_accuracy": self.reference_accuracy, "trials": [asdict(t) for t in self.trials]}
+
+
+def choose_precision(trials: Sequence[PrecisionTrial], tolerance: float = DEFAULT_TOLERANCE, device: str = "") -> PrecisionChoice:
+    """The rule: fastest trial whose accuracy is within ``tolerance`` of the fp32 trial.
+
+    Trials that already carry a reason (unsupported, non-finite) stay rejected. fp32 is the
+    reference and always acceptable.
+    """
+    ref = next((t for t in trials if t.precision == Precision.FP32.value), None)
+    if ref is None or ref.accuracy is None or ref.reason:
+        raise PrecisionError("precision selection needs a working fp32 trial as the reference")
+    for t in trials:
+        if t.reason:
+            t.accepted = False
+        elif t.accuracy is None or t.img_per_s is None:
+            t.accepted, t.reason = False, "not measured"
+        elif t.accuracy < ref.accuracy - tolerance - 1e-12:
+            t.accepted = False
+            t.reason = f"top-1 {100 * t.accuracy:.2f}% is more than {100 * tolerance:.2f} points below fp32"
+        else:
+            t.accepted = True
+    best = max((t for t in trials if t.accepted), key=lambda t: t.img_per_s)
+    for t in trials:
+        if t.accepted and t is not best:
+            t.reason = f"slower than {best.precision}"
+    best.reason = "chosen: fastest within tolerance"
+    return PrecisionChoice(Precision(best.precision), device, tolerance, ref.accuracy, list(trials))
+
+
+@torch.inference_mode()
+def validation_accuracy(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision) -> float:
+    """Top-1 of a prepared model over ``loader``, with the non-finite-logits guard."""
+    correct = total = 0
+    for x, y in loader:
+        logits = model(x.to(device))
+        check_finite(logits, precision)
+        correct += int((logits.argmax(1).cpu() == torch.as_tensor(y)).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
+def select_precision(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device | str = "cpu",
+    tolerance: float = DEFAULT_TOLERANCE,
+    candidates: Sequence[Precision | str] | None = None,
+    repeats: int = 3,
+    min_repeat_seconds: float = 0.5,
+    progress: bool = True,
+) -> PrecisionChoice:
+    """Resolve ``auto`` for ``model`` on ``device`` using the labelled ``loader`` (validation)."""
+    from ..measure.timing import interleaved_throughput, median
+
+    device = torch.device(device)
+    modes = [Precision(p) for p in candidates] if candidates else candidate_precisions(device)
+    if Precision.FP32 not in modes:
+        modes.insert(0, Precision.FP32)
+    x = next(iter(loader))[0].to(device)
+    trials, runnable = [], []
+    with task("precision: accuracy", total=len(modes), enabled=progress) as advance:
+        for p in modes:
+            trial = PrecisionTrial(p.value)
+            trials.append(trial)
+            try:
+                m = prepare_model(model, p, device)
+                trial.accuracy = validation_accuracy(m, loader, device, p)
+                runnable.append((trial, m))
+            except PrecisionError as exc:
+                trial.reason = str(exc)
+            advance(1, p.value)
+    fns = [(lambda m=m: m(x)) for _, m in runnable]
+    with task("precision: speed", total=repeats, enabled=progress) as advance, torch.inference_mode():
+        speeds = interleaved_throughput(fns, [len(x)] * len(fns), device, repeats, min_repeat_seconds,
+                                        on_round=advance)
+    for (trial, _), runs in zip(runnable, speeds):
+        trial.img_per_s = median(runs)
+    return choose_precision(trials, tolerance, str(device))
+
+
+def accuracy_table(choice: PrecisionChoice) -> list[dict[str, Any]]:
+    """Rows for display: mode, top-1, change vs fp32 (points), img/s, speed vs fp32, verdict."""
+    ref = next(t for t in choice.trials if t.precision == "fp32")
+    rows = []
+    for t in choice.trials:
+        rows.append({
+            "precision": t.precision,
+            "accuracy": t.accuracy,
+            "delta_points": None if t.accuracy is None else 100 * (t.accuracy - ref.accuracy),
+            "img_per_s": t.img_per_s,
+            "speedup": None if not t.img_per_s else t.img_per_s / ref.img_per_s,
+            "accepted": t.accepted,
+            "reason": t.reason,
+        })
+    return rows
+
+
+__all__ = ["DEFAULT_TOLERANCE", "PrecisionChoice", "PrecisionTrial", "accuracy_table", "choose_precision",
+           "select_precision", "validation_accuracy"]
