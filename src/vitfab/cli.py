@@ -261,6 +261,7 @@ def bench(
                                           "label); repeatable."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     data: Optional[Path] = typer.Option(None, help="Labelled folder: also measure top-1 of each configuration."),
+    split: str = typer.Option("val", help="With a run folder as --checkpoint: the split to measure top-1 on."),
     tolerance: float = typer.Option(0.01, help="--precision auto: allowed top-1 drop vs fp32 (0.01 = one point)."),
     repeats: int = typer.Option(5, help="Throughput repeats per configuration (median reported)."),
     min_repeat_seconds: float = typer.Option(1.0, help="Each throughput repeat lasts at least this long."),
@@ -294,7 +295,7 @@ def bench(
         c.validate()
     dev = resolve_device(device)
     ms = benchmark(configs, dev, repeats=repeats, min_repeat_seconds=min_repeat_seconds, latency_runs=latency_runs,
-                   energy=energy, energy_seconds=energy_seconds, threads=threads, data=data, tolerance=tolerance,
+                   energy=energy, energy_seconds=energy_seconds, threads=threads, data=data, split=split, tolerance=tolerance,
                    progress=progress)
     report = bench_report(ms)
     if out is not None:

@@ -83,11 +83,17 @@ def evaluate_folder(
     return m, out
 
 
-def labelled_samples(model: torch.nn.Module, checkpoint: str | None, data: str | Path | None, progress: bool = True):
+def labelled_samples(
+    model: torch.nn.Module,
+    checkpoint: str | None,
+    data: str | Path | None,
+    progress: bool = True,
+    subset: str = "val",
+):
     """(root, samples, description) to check accuracy on, or None.
 
-    ``data``: every image of a labelled folder whose classes are the model's; otherwise a run
-    folder's validation split.
+    ``data``: every image of a labelled folder whose classes are the model's; otherwise the
+    ``subset`` (val by default) of a run folder's split.
     """
     if data is not None:
         index = scan_checked(data, progress=progress, classes=list(model.vitfab_meta.classes))
@@ -97,7 +103,7 @@ def labelled_samples(model: torch.nn.Module, checkpoint: str | None, data: str |
     if checkpoint is not None and (Path(checkpoint) / "split.json").is_file():
         run = RunDir.open(checkpoint)
         split = Split.load(run.split_path)
-        samples = split.subset("val")
+        samples = split.subset(subset)
         if samples and Path(split.root).is_dir():
-            return Path(split.root), samples, f"val split of {run.root.name} ({len(samples)} images)"
+            return Path(split.root), samples, f"{subset} split of {run.root.name} ({len(samples)} images)"
     return None

@@ -117,7 +117,7 @@ class _Prepared:
     weights_mb: float = 0.0
 
 
-def _prepare(cfg: BenchConfig, device: torch.device, data, tolerance: float, progress: bool) -> _Prepared:
+def _prepare(cfg: BenchConfig, device: torch.device, data, split: str, tolerance: float, progress: bool) -> _Prepared:
     from ..evaluate.runner import make_eval_loader
 
     cfg.validate()
@@ -126,7 +126,7 @@ def _prepare(cfg: BenchConfig, device: torch.device, data, tolerance: float, pro
     h, w = input_size(base)
     params, macs = count_params(base), count_macs(base)
     precision = parse_precision(cfg.precision)
-    source = labelled_samples(base, cfg.checkpoint, data, progress)
+    source = labelled_samples(base, cfg.checkpoint, data, progress, split)
     loader = None
     if source is not None:
         root, samples, desc = source
@@ -134,7 +134,11 @@ def _prepare(cfg: BenchConfig, device: torch.device, data, tolerance: float, pro
     if precision == AUTO:
         if loader is None:
             raise VitfabError("--precision auto checks accuracy: give --data DIR or a run folder as --checkpoint")
-        choice = select_precision(base, loader, device, tolerance, progress=progress)
+        val_loader = loader  # choose on validation data, report top-1 on the split asked for
+        if data is None and split != "val":
+            val = labelled_samples(base, cfg.checkpoint, None, False, "val")
+            val_loader = make_eval_loader(val[0], val[1], base.vitfab_meta.preprocess, batch_size=64)
+        choice = select_precision(base, val_loader, device, tolerance, progress=progress)
         precision = choice.precision
     model = prepare_model(base, precision, device, cfg.method)
     bs = cfg.batch_size or DEFAULT_BATCH.get(device.type, 16)
@@ -159,12 +163,15 @@ def benchmark(
     energy_seconds: float = 3.0,
     threads: int | None = None,
     data: str | Path | None = None,
+    split: str = "val",
     tolerance: float = 0.01,
     progress: bool = True,
 ) -> list[Measurement]:
     """Measure every configuration; throughput and latency interleaved across them."""
     if not configs:
         raise VitfabError("nothing to benchmark")
+    if split not in ("train", "val", "test", "all"):
+        raise VitfabError(f"--split must be train, val, test or all, got '{split}'")
     if repeats < 1 or latency_runs < 1:
         raise VitfabError("--repeats and --latency-runs must be at least 1")
     device = torch.device(device)
@@ -172,7 +179,7 @@ def benchmark(
         if threads < 1:
             raise VitfabError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    prepared = [_prepare(c, device, data, tolerance, progress) for c in configs]
+    prepared = [_prepare(c, device, data, split, tolerance, progress) for c in configs]
     fns = [(lambda p=p: p.model(p.x)) for p in prepared]
     fns1 = [(lambda p=p: p.model(p.x1)) for p in prepared]
     n = len(prepared)
@@ -196,7 +203,7 @@ def benchmark(
     out = []
     for p, s, l, (mb, kind), e in zip(prepared, speeds, lat, mem, joules):
         out.append(Measurement(
-            label=p.cfg.describe(), model=p.name, precision=p.precision.value, device=str(device),
+            label=p.cfg.describe().replace("auto", f"auto->{p.precision.value}"), model=p.name, precision=p.precision.value, device=str(device),
             device_name=device_name(device), batch_size=len(p.x), img_size=p.img_size,
             threads=torch.get_num_threads(), params=p.params, macs=p.macs, img_per_s=median(s),
             img_per_s_runs=[round(v, 3) for v in s], latency_ms=percentiles(l), peak_memory_mb=mb,

@@ -7,6 +7,7 @@ logits are finite and its validation top-1 is within ``tolerance`` of fp32's.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -26,8 +27,9 @@ class PrecisionTrial:
     precision: str
     accuracy: float | None = None
     img_per_s: float | None = None
+    error: str | None = None  # could not run: unsupported here, or non-finite logits
     accepted: bool = False
-    reason: str = ""
+    reason: str = ""  # the verdict, set by choose_precision
 
 
 @dataclass
@@ -43,22 +45,24 @@ class PrecisionChoice:
                 "reference_accuracy": self.reference_accuracy, "trials": [asdict(t) for t in self.trials]}
 
 
-def choose_precision(trials: Sequence[PrecisionTrial], tolerance: float = DEFAULT_TOLERANCE, device: str = "") -> PrecisionChoice:
+def choose_precision(
+    trials: Sequence[PrecisionTrial], tolerance: float = DEFAULT_TOLERANCE, device: str = ""
+) -> PrecisionChoice:
     """The rule: fastest trial whose accuracy is within ``tolerance`` of the fp32 trial.
 
-    Trials that already carry a reason (unsupported, non-finite) stay rejected. fp32 is the
-    reference and always acceptable.
+    Trials with an ``error`` (unsupported, non-finite logits) are rejected with it. fp32 is the
+    reference and always acceptable. The given trials are not modified.
     """
+    trials = [dataclasses.replace(t, accepted=False, reason="") for t in trials]
     ref = next((t for t in trials if t.precision == Precision.FP32.value), None)
-    if ref is None or ref.accuracy is None or ref.reason:
+    if ref is None or ref.accuracy is None or ref.error:
         raise PrecisionError("precision selection needs a working fp32 trial as the reference")
     for t in trials:
-        if t.reason:
-            t.accepted = False
+        if t.error:
+            t.reason = t.error
         elif t.accuracy is None or t.img_per_s is None:
-            t.accepted, t.reason = False, "not measured"
+            t.reason = "not measured"
         elif t.accuracy < ref.accuracy - tolerance - 1e-12:
-            t.accepted = False
             t.reason = f"top-1 {100 * t.accuracy:.2f}% is more than {100 * tolerance:.2f} points below fp32"
         else:
             t.accepted = True
@@ -67,7 +71,7 @@ def choose_precision(trials: Sequence[PrecisionTrial], tolerance: float = DEFAUL
         if t.accepted and t is not best:
             t.reason = f"slower than {best.precision}"
     best.reason = "chosen: fastest within tolerance"
-    return PrecisionChoice(Precision(best.precision), device, tolerance, ref.accuracy, list(trials))
+    return PrecisionChoice(Precision(best.precision), device, tolerance, ref.accuracy, trials)
 
 
 @torch.inference_mode()
@@ -110,7 +114,7 @@ def select_precision(
                 trial.accuracy = validation_accuracy(m, loader, device, p)
                 runnable.append((trial, m))
             except PrecisionError as exc:
-                trial.reason = str(exc)
+                trial.error = str(exc)
             advance(1, p.value)
     fns = [(lambda m=m: m(x)) for _, m in runnable]
     with task("precision: speed", total=repeats, enabled=progress) as advance, torch.inference_mode():
