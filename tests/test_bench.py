@@ -85,3 +85,14 @@ def test_vs_overrides():
     assert other.model is None and other.checkpoint == "runs/x" and other.img_size is None
     assert other.precision == "int8" and base.precision == "fp32"
     assert base.with_overrides("model=deit_tiny_patch16_224,tome_r=8").describe() == "deit_tiny fp32 r=8"
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["bench", "--model", "deit_tiny_patch16_224", "--tome-r", "x"], "cannot read ToMe schedule 'x'"),
+    (["bench", "--model", "deit_tiny_patch16_224", "--vs", "tome_r=keep=2"], "must be in (0, 1]"),
+    (["train", "--data", "/tmp", "--tome-r", "-3"], "ToMe r must be >= 0"),
+    (["tome", "visualize", "--checkpoint", "/nonexistent", "--image", "/nonexistent.png"], "image not found"),
+])
+def test_tome_option_errors(capsys, argv, pattern):
+    code, _, err = run_cli(capsys, *argv, *(["--no-progress"] if argv[0] != "tome" else []))
+    assert_one_line_error(code, err, pattern)

@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthesise, inspect.")
 app.add_typer(data_app, name="data")
+tome_app = typer.Typer(no_args_is_help=True, help="Token merging (ToMe): visualise merges.")
+app.add_typer(tome_app, name="tome")
 
 out_console = Console()  # results on stdout; progress and notes go to stderr
 
@@ -100,6 +102,8 @@ def train(
     model_arg: List[str] = typer.Option([], help="Extra timm argument KEY=VALUE (e.g. depth=6); repeatable."),
     pretrained: bool = typer.Option(False, help="Start from timm's hub weights (needs the network)."),
     weights: Optional[Path] = typer.Option(None, help="Start from a local .safetensors/.pth/.pt file."),
+    tome_r: Optional[str] = typer.Option(None, help="Train with token merging on: R, R:INFLECTION, R1/R2/..., "
+                                                    "keep=F or macs=F (recorded in the checkpoints)."),
     epochs: int = typer.Option(30),
     batch_size: int = typer.Option(64),
     lr: Optional[float] = typer.Option(None, help="Peak LR (default 5e-4 from scratch, 1e-4 from weights)."),
@@ -139,7 +143,7 @@ def train(
         cfg = TrainConfig(
             data=str(data), model=model, img_size=img_size, patch_size=patch_size,
             model_args=_parse_model_args(model_arg), pretrained=pretrained,
-            weights=str(weights) if weights else None, epochs=epochs, batch_size=batch_size, lr=lr,
+            weights=str(weights) if weights else None, tome=tome_r, epochs=epochs, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
             label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, drop_path=drop_path,
             clip_grad=clip_grad, amp=amp, accum_steps=accum_steps, seed=seed, val_fraction=val_fraction,
@@ -253,7 +257,9 @@ def bench(
     model: Optional[str] = typer.Option(None, help="timm model name (random weights; speed does not depend on them)."),
     checkpoint: Optional[Path] = typer.Option(None, help="A vitfab checkpoint or run folder."),
     precision: str = typer.Option("fp32", help="fp32, fp16, bf16, int8 or auto; a comma list compares several."),
-    tome_r: str = typer.Option("0", help="ToMe tokens merged per block; a comma list compares several."),
+    tome_r: Optional[str] = typer.Option(
+        None, help="ToMe schedule: R, R:INFLECTION (16:-1 = decreasing), R1/R2/... per layer, keep=F, macs=F, or "
+                   "none (stock model); a comma list compares several [default: none]."),
     batch_size: Optional[int] = typer.Option(None, help="Throughput batch [default: 16 on CPU, 256 on CUDA]."),
     img_size: Optional[int] = typer.Option(None, help="With --model: input size override."),
     vs: List[str] = typer.Option([], help="Another configuration, KEY=VALUE[,KEY=VALUE] changed from the first "
@@ -275,21 +281,16 @@ def bench(
 ):
     """Params, MACs, img/s, batch-1 latency, peak memory, J/img; several configurations interleaved."""
     from .files import write_json_atomic
-    from .measure.bench import BenchConfig, benchmark, bench_report
+    from .measure.bench import BenchConfig, bench_report, benchmark, parse_tome_spec
     from .runtime import resolve_device
 
     if (model is None) == (checkpoint is None):
         raise VitfabError("give exactly one of --model NAME or --checkpoint PATH")
-    rs = []
-    for r in _split_list(tome_r, "--tome-r"):
-        try:
-            rs.append(int(r))
-        except ValueError:
-            raise VitfabError(f"--tome-r expects integers, got '{r}'") from None
+    schedules = [parse_tome_spec(v) for v in _split_list(tome_r, "--tome-r")] if tome_r is not None else [None]
     base = BenchConfig(model=model, checkpoint=str(checkpoint) if checkpoint else None, batch_size=batch_size,
                        img_size=img_size)
     configs = [dataclasses.replace(base, precision=p, tome_r=r)
-               for p in _split_list(precision, "--precision") for r in rs]
+               for p in _split_list(precision, "--precision") for r in schedules]
     configs += [configs[0].with_overrides(spec) for spec in vs]
     for c in configs:
         c.validate()
@@ -361,6 +362,25 @@ def precision_(
                           f"  img/s {_fmt(row['img_per_s'], '8.1f', '       -')}  x {_fmt(row['speedup'], '5.2f', '    -')}"
                           f"  {row['reason']}", highlight=False)
     out_console.print(f"chosen: {choice.precision}", highlight=False)
+
+
+# --------------------------------------------------------------------------- token merging
+@tome_app.command("visualize")
+def tome_visualize(
+    checkpoint: Path = typer.Option(..., help="A vitfab checkpoint or run folder."),
+    image: Path = typer.Option(..., help="The image to show the merges on."),
+    r: str = typer.Option("8", "--r", help="ToMe schedule: R, R:INFLECTION, R1/R2/..., keep=F or macs=F."),
+    out: Path = typer.Option(Path("tome.png"), help="PNG: the image | its merged patch groups."),
+):
+    """Colour each group of merged patches (ToMe source tracing) over the image."""
+    from .models import load_model
+    from .tome.visualize import visualize_merges
+
+    if not image.is_file():
+        raise VitfabError(f"image not found: {image}")
+    summary = visualize_merges(load_model(checkpoint, "cpu"), image, r, out)
+    out_console.print(f"{summary['patches']} patches -> {summary['groups']} tokens; predicted "
+                      f"{summary['predicted']} ({100 * summary['confidence']:.1f}%) -> {out}", highlight=False)
 
 
 # --------------------------------------------------------------------------- data

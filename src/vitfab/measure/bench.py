@@ -1,6 +1,7 @@
 """``vitfab bench``: measure one or more configurations in one process, interleaved.
 
-A configuration is a model (timm name or vitfab checkpoint) x precision x ToMe r x batch size.
+A configuration is a model (timm name or vitfab checkpoint) x precision x ToMe schedule x batch
+size. MACs are counted after token merging is applied, so its savings are measured.
 All of them are loaded first, then timed in rounds (A B C A B C ...), so that drift on a shared
 machine hits every configuration alike; ratios against the first are the numbers to quote.
 """
@@ -19,7 +20,9 @@ from ..errors import VitfabError
 from ..evaluate.api import labelled_samples
 from ..precision import (AUTO, Precision, check_finite, parse_precision, prepare_model, select_precision,
                          validation_accuracy)
+from .. import tome
 from ..progress import make_progress
+from ..tome import Schedule
 from .counts import count_macs, count_params, input_size
 from .energy import EnergyResult, measure_energy
 from .measurement import Measurement, device_name
@@ -34,7 +37,7 @@ class BenchConfig:
     model: str | None = None  # timm name (random weights: speed does not depend on them)
     checkpoint: str | None = None  # vitfab checkpoint or run folder
     precision: str = "fp32"
-    tome_r: int = 0
+    tome_r: str | None = None  # ToMe schedule (8, 16:-1, keep=0.5, ...); None: stock model, not patched
     batch_size: int | None = None  # default: 16 on CPU, 256 on CUDA
     img_size: int | None = None  # timm names only; a checkpoint runs at its own size
     method: str = "cast"  # fp16/bf16: "cast" (low-precision weights) or "autocast"
@@ -46,8 +49,8 @@ class BenchConfig:
         if (self.model is None) == (self.checkpoint is None):
             raise VitfabError("give exactly one of --model NAME or --checkpoint PATH")
         parse_precision(self.precision)
-        if self.tome_r < 0:
-            raise VitfabError(f"--tome-r must be >= 0, got {self.tome_r}")
+        if self.tome_r is not None:
+            Schedule.parse(self.tome_r)
         if self.batch_size is not None and self.batch_size < 1:
             raise VitfabError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.img_size is not None and self.checkpoint is not None:
@@ -61,7 +64,9 @@ class BenchConfig:
             key = key.strip().replace("-", "_")
             if not sep or key not in self.FIELDS:
                 raise VitfabError(f"--vs expects KEY=VALUE with KEY in {', '.join(self.FIELDS)}; got '{item}'")
-            if key in ("tome_r", "batch_size", "img_size"):
+            if key == "tome_r":
+                changes[key] = parse_tome_spec(value)
+            elif key in ("batch_size", "img_size"):
                 try:
                     changes[key] = int(value)
                 except ValueError:
@@ -82,14 +87,23 @@ class BenchConfig:
         name = self.model or Path(self.checkpoint).name
         name = name.replace("_patch16_224", "").replace("_224", "")
         parts = [name, self.precision if self.method == "cast" else f"{self.precision}-autocast"]
-        if self.tome_r:
-            parts.append(f"r={self.tome_r}")
+        if self.tome_r is not None:
+            parts.append(Schedule.parse(self.tome_r).describe())
         return " ".join(parts)
 
 
-def apply_token_merging(model: nn.Module, r: int) -> nn.Module:
-    if r:
-        raise VitfabError("--tome-r needs token merging (vitfab.tome), which this version does not have yet")
+def parse_tome_spec(value: str) -> str | None:
+    """``none``/``stock``/``off`` -> None (the stock model); anything else is a ToMe schedule."""
+    value = value.strip()
+    if value.lower() in ("none", "stock", "off"):
+        return None
+    Schedule.parse(value)
+    return value
+
+
+def apply_token_merging(model: nn.Module, spec: str | None) -> nn.Module:
+    if spec is not None:
+        tome.apply(model, spec)
     return model
 
 
@@ -207,7 +221,7 @@ def benchmark(
             device_name=device_name(device), batch_size=len(p.x), img_size=p.img_size,
             threads=torch.get_num_threads(), params=p.params, macs=p.macs, img_per_s=median(s),
             img_per_s_runs=[round(v, 3) for v in s], latency_ms=percentiles(l), peak_memory_mb=mb,
-            memory_kind=kind, weights_mb=p.weights_mb, energy=e, tome_r=p.cfg.tome_r,
+            memory_kind=kind, weights_mb=p.weights_mb, energy=e, tome=tome.tome_info(p.model),
             accuracy=p.accuracy, accuracy_on=p.accuracy_on,
         ))
     return out

@@ -32,7 +32,7 @@ class Measurement:
     memory_kind: str
     weights_mb: float
     energy: EnergyResult
-    tome_r: int = 0
+    tome: dict[str, Any] | None = None  # schedule, r per layer, prop_attn; None: no merging
     accuracy: float | None = None  # top-1 on labelled data, where given
     accuracy_on: str | None = None
     torch_version: str = field(default_factory=lambda: torch.__version__)

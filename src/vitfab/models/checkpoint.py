@@ -3,6 +3,7 @@
 ``load_model`` takes a run folder (its ``best`` checkpoint), a checkpoint folder or a single
 ``.safetensors`` file written by vitfab, rebuilds the timm model and returns it in eval mode
 with ``model.vitfab_meta`` (a :class:`ModelMeta`: model name and kwargs, classes, preprocessing).
+A model saved with token merging on comes back patched with the same per-layer schedule.
 """
 
 from __future__ import annotations
@@ -30,8 +31,14 @@ def save_checkpoint(
     train_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write weights, metadata and (optionally) the training state into ``folder`` atomically."""
+    from ..tome import tome_info
+
     meta: ModelMeta = model.vitfab_meta
     meta_dict = meta.to_dict() | dict(extra or {})
+    meta_dict.pop("tome", None)
+    tome = tome_info(model)  # the merge schedule travels with the weights
+    if tome is not None:
+        meta_dict["tome"] = tome
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(folder) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"vitfab": json.dumps(meta_dict)})
@@ -92,4 +99,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> VisionTr
     kwargs.pop("num_classes", None)
     model = create_model(meta.name, classes=meta.classes, weights=weights, **kwargs)
     model.vitfab_meta = meta
+    tome = meta.extra.get("tome")
+    if tome:
+        from ..tome import apply
+
+        apply(model, list(tome["r_per_layer"]), prop_attn=tome.get("prop_attn", True))
     return model.to(device).eval()

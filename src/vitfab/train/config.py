@@ -18,6 +18,7 @@ class TrainConfig:
     model_args: dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False
     weights: str | None = None
+    tome: str | None = None  # ToMe schedule to train with (R, R:INFLECTION, list, keep=F, macs=F)
     # the DeiT fine-tuning recipe
     epochs: int = 30
     batch_size: int = 64
@@ -68,6 +69,10 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise VitfabError(msg)
+        if self.tome is not None:
+            from ..tome import Schedule
+
+            Schedule.parse(self.tome)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

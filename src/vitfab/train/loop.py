@@ -107,6 +107,10 @@ def build_model(config: TrainConfig, classes: list[str], with_weights: bool = Tr
         **config.model_args,
     )
     model.vitfab_meta.preprocess.crop_pct = 1.0  # inspection images: keep the borders
+    if config.tome is not None:  # fine-tune with token merging on (gradients flow through merges)
+        from ..tome import apply
+
+        apply(model, config.tome)
     return model
 
 

@@ -1,0 +1,25 @@
+"""The token axis: Token Merging (ToMe, Bolya et al., ICLR 2023) for timm ViTs.
+
+``merge.py`` is the algorithm (bipartite soft matching, size-weighted merge, source tracing) and
+knows nothing of timm; ``schedule.py`` turns r specs into per-layer r; ``patch.py`` is the timm
+glue (``apply`` / ``set_schedule`` / ``remove``); ``visualize.py`` draws the merged groups.
+"""
+
+from .merge import Matching, bipartite_soft_matching, clip_r, merge_source, merge_wavg
+from .patch import (
+    ToMeError,
+    apply,
+    block_macs,
+    is_patched,
+    remove,
+    resolve_schedule,
+    set_schedule,
+    tome_info,
+)
+from .schedule import Schedule, ScheduleError, token_counts
+
+__all__ = [
+    "Matching", "Schedule", "ScheduleError", "ToMeError", "apply", "bipartite_soft_matching", "block_macs",
+    "clip_r", "is_patched", "merge_source", "merge_wavg", "remove", "resolve_schedule", "set_schedule",
+    "token_counts", "tome_info",
+]

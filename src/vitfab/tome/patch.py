@@ -1,0 +1,232 @@
+"""ToMe for timm ``VisionTransformer``s: patch in place, change the schedule, remove.
+
+The patch swaps classes, never weights: each ``Block`` becomes a ``ToMeBlock`` (merging between
+attention and MLP), each ``Attention`` a ``ToMeAttention`` (returns the keys averaged over heads
+as the matching metric; proportional attention adds log(size) of each key to the logits through
+the additive mask of ``scaled_dot_product_attention``, so fused kernels stay in use), and the
+model a subclass of its own class that resets the merge state per forward pass and pools with
+size weights. ``state_dict`` is untouched, so checkpoints load either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from ..errors import VitfabError
+from .merge import bipartite_soft_matching, clip_r, merge_source, merge_wavg
+from .schedule import Schedule, ScheduleSpec, resolve_target
+
+
+class ToMeError(VitfabError):
+    """A model or block that token merging does not know how to patch."""
+
+
+@dataclass
+class ToMeState:
+    """Shared by the model and its blocks; reset at the start of every forward pass."""
+
+    schedule: Schedule
+    r: list[int]
+    prop_attn: bool = True
+    trace_source: bool = False
+    protected: int = 1
+    size: torch.Tensor | None = None  # (B, N, 1) patches per token
+    source: torch.Tensor | None = None  # (B, N, N_in) which input tokens each token holds
+    tokens: list[int] = field(default_factory=list)  # tokens leaving each block (last pass)
+
+    def reset(self) -> None:
+        self.size, self.source, self.tokens = None, None, []
+
+
+# --------------------------------------------------------------------------- patched modules
+class ToMeAttention(Attention):
+    """timm's ``Attention`` plus an additive log(size) bias; returns (output, matching metric:
+    the keys averaged over heads, or None when ``metric=False``)."""
+
+    def forward(self, x, attn_mask=None, is_causal=False, size=None, metric=True):
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        bias = attn_mask
+        if bias is not None and bias.dtype == torch.bool:
+            bias = torch.zeros_like(bias, dtype=q.dtype).masked_fill(~bias, float("-inf"))
+        if size is not None:  # proportional attention
+            log_size = size.log().to(q.dtype)[:, None, None, :, 0]  # (B, 1, 1, N)
+            bias = log_size if bias is None else bias + log_size
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal,
+                                               dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:
+            if is_causal:
+                raise ToMeError("causal attention is not supported by the ToMe attention")
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                attn = attn + bias
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        x = self.proj_drop(self.proj(x))
+        return x, (k.mean(dim=1) if metric else None)
+
+
+class ToMeBlock(Block):
+    """timm's pre-norm ``Block`` with bipartite soft matching between attention and MLP."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        state: ToMeState = self._tome
+        size = state.size if state.prop_attn else None
+        r = clip_r(state.r[self._tome_index], x.shape[1], state.protected)
+        y, metric = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, size=size, metric=r > 0)
+        x = x + self.drop_path1(self.ls1(y))
+        del y  # free before the MLP, as timm's one-expression forward does
+        if r > 0:
+            if attn_mask is not None or is_causal:
+                raise ToMeError("an attention mask cannot follow the tokens that ToMe merges; use r=0")
+            matching = bipartite_soft_matching(metric, r, state.protected)
+            if state.trace_source:
+                state.source = merge_source(matching, state.source, x)
+            x, state.size = merge_wavg(matching, x, state.size)
+        state.tokens.append(x.shape[1])
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class ToMeModelMixin:
+    """Put in front of the model's own class: reset per pass, size-weighted pooling."""
+
+    def forward_features(self, x, *args, **kwargs):
+        self._tome.reset()
+        return super().forward_features(x, *args, **kwargs)
+
+    def forward_intermediates(self, *args, **kwargs):
+        raise ToMeError("forward_intermediates returns token grids, which merged tokens no longer form")
+
+    def pool(self, x, pool_type=None):
+        pool_type = self.global_pool if pool_type is None else pool_type
+        size = self._tome.size
+        if size is None or pool_type not in ("avg", "avgmax"):
+            return super().pool(x, pool_type)
+        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        xs, w = x[:, start:], size[:, start:].to(x.dtype)
+        avg = (xs * w).sum(dim=1) / w.sum(dim=1)
+        return avg if pool_type == "avg" else 0.5 * (avg + xs.amax(dim=1))
+
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _patched_class(cls: type) -> type:
+    if cls not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[cls] = type(f"ToMe{cls.__name__}", (ToMeModelMixin, cls), {})
+    return _PATCHED_CLASSES[cls]
+
+
+# --------------------------------------------------------------------------- public API
+def is_patched(model: torch.nn.Module) -> bool:
+    return isinstance(model, ToMeModelMixin)
+
+
+def _check(model: torch.nn.Module) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise ToMeError(f"ToMe patches timm VisionTransformer models, not {type(model).__name__}")
+    if getattr(model, "attn_pool", None) is not None:
+        raise ToMeError(f"ToMe does not support the attention-pool head (global_pool='{model.global_pool}')")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) not in (Block, ToMeBlock):
+            raise ToMeError(f"ToMe does not know block type {type(blk).__module__}.{type(blk).__name__} "
+                            f"(block {i}); it patches timm's pre-norm Block only")
+        if type(blk.attn) not in (Attention, ToMeAttention):
+            raise ToMeError(f"ToMe does not know attention type {type(blk.attn).__module__}."
+                            f"{type(blk.attn).__name__} (block {i}); it patches timm's Attention only")
+
+
+def block_macs(model: VisionTransformer, flow: list[tuple[int, int]]) -> float:
+    """MACs of patch embedding + blocks when block i attends over flow[i][0] tokens and runs its
+    MLP on flow[i][1]; from the layer shapes (for turning a MACs target into a schedule)."""
+    proj = model.patch_embed.proj
+    total = float(model.patch_embed.num_patches * proj.weight.numel())
+    for blk, (n_attn, n_mlp) in zip(model.blocks, flow):
+        d, a = blk.attn.qkv.in_features, blk.attn.attn_dim
+        total += n_attn * d * 3 * a + 2 * n_attn * n_attn * a + n_attn * a * blk.attn.proj.out_features
+        if blk.attn.gate is not None:
+            total += n_attn * d * a
+        total += n_mlp * (blk.mlp.fc1.in_features * blk.mlp.fc1.out_features
+                          + blk.mlp.fc2.in_features * blk.mlp.fc2.out_features)
+    return total
+
+
+def num_input_tokens(model: VisionTransformer) -> int:
+    return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
+def resolve_schedule(model: VisionTransformer, r: ScheduleSpec) -> tuple[Schedule, list[int]]:
+    schedule = Schedule.parse(r)
+    depth = len(model.blocks)
+    if schedule.needs_model:
+        per_layer = resolve_target(schedule, depth, num_input_tokens(model), model.num_prefix_tokens,
+                                   lambda flow: block_macs(model, flow))
+    else:
+        per_layer = schedule.per_layer(depth)
+    return schedule, per_layer
+
+
+def apply(model: VisionTransformer, r: ScheduleSpec = 0, prop_attn: bool = True,
+          trace_source: bool = False) -> VisionTransformer:
+    """Patch ``model`` in place for token merging with schedule ``r``; returns it.
+
+    Calling it again on a patched model changes the schedule and options.
+    """
+    _check(model)
+    schedule, per_layer = resolve_schedule(model, r)
+    if is_patched(model):
+        state = model._tome
+        state.schedule, state.r, state.prop_attn, state.trace_source = schedule, per_layer, prop_attn, trace_source
+        state.reset()
+        return model
+    state = ToMeState(schedule, per_layer, prop_attn, trace_source, protected=model.num_prefix_tokens)
+    for i, blk in enumerate(model.blocks):
+        blk.__class__, blk.attn.__class__ = ToMeBlock, ToMeAttention
+        blk._tome, blk._tome_index = state, i
+    model.__class__ = _patched_class(type(model))
+    model._tome = state
+    return model
+
+
+def set_schedule(model: VisionTransformer, r: ScheduleSpec) -> None:
+    """Change the schedule of a patched model (options unchanged)."""
+    if not is_patched(model):
+        raise ToMeError("the model is not patched for ToMe; call vitfab.tome.apply first")
+    state = model._tome
+    state.schedule, state.r = resolve_schedule(model, r)
+    state.reset()
+
+
+def remove(model: VisionTransformer) -> VisionTransformer:
+    """Undo :func:`apply`: the original classes are back; weights were never touched."""
+    if not is_patched(model):
+        return model
+    for blk in model.blocks:
+        blk.__class__, blk.attn.__class__ = Block, Attention
+        del blk._tome, blk._tome_index
+    model.__class__ = type(model).__mro__[2]  # ToMe<cls> -> (ToMeModelMixin, cls)
+    del model._tome
+    return model
+
+
+def tome_info(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The schedule of a patched model as recorded in checkpoints and reports; None if unpatched."""
+    if not is_patched(model):
+        return None
+    s = model._tome
+    return {"schedule": s.schedule.describe(), "r_per_layer": list(s.r), "prop_attn": s.prop_attn}
