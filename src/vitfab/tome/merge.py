@@ -74,13 +74,14 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) ->
 def merge_wavg(matching: Matching, x: torch.Tensor, size: torch.Tensor | None = None):
     """Size-weighted average merge: returns the merged tokens and their new sizes (B, N', 1).
 
-    ``size`` counts the input patches inside each token (None: all ones).
+    ``size`` counts the input patches inside each token (None: all ones); it is kept in fp32 so
+    that counts stay exact when ``x`` is fp16/bf16.
     """
     if size is None:
-        size = torch.ones_like(x[..., :1])
-    total = matching.merge(x * size)
+        size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
+    total = matching.merge(x * size.to(x.dtype))
     size = matching.merge(size)
-    return total / size, size
+    return total / size.to(x.dtype), size
 
 
 def merge_source(matching: Matching, source: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

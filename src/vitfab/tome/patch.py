@@ -128,7 +128,7 @@ _PATCHED_CLASSES: dict[type, type] = {}
 
 def _patched_class(cls: type) -> type:
     if cls not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls] = type(f"ToMe{cls.__name__}", (ToMeModelMixin, cls), {})
+        _PATCHED_CLASSES[cls] = type(f"ToMe{cls.__name__}", (ToMeModelMixin, cls), {"_tome_base": cls})
     return _PATCHED_CLASSES[cls]
 
 
@@ -219,7 +219,7 @@ def remove(model: VisionTransformer) -> VisionTransformer:
     for blk in model.blocks:
         blk.__class__, blk.attn.__class__ = Block, Attention
         del blk._tome, blk._tome_index
-    model.__class__ = type(model).__mro__[2]  # ToMe<cls> -> (ToMeModelMixin, cls)
+    model.__class__ = type(model)._tome_base
     del model._tome
     return model
 
