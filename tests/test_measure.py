@@ -52,9 +52,6 @@ def test_fused_attention_is_counted():
         blk.attn.fused_attn = False
     unfused = count_macs(model)
     assert fused == unfused
-    attn = 2 * 3 * 17 * 17 * (64 + 64) // 2  # per block: heads 3, 17 tokens, head dim 64
-    linear_only = unfused - 2 * attn
-    assert fused > linear_only
 
 
 def test_attention_flops_formula():

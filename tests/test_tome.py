@@ -159,6 +159,10 @@ def test_schedule_forms():
     assert lin[0] == 5 and lin[-1] == 15 and lin == sorted(lin)
     assert Schedule.parse("4/4/2").per_layer(5) == [4, 4, 2, 0, 0]
     assert Schedule.parse([1, 2]).describe() == "r=[1,2]"
+    assert Schedule.parse((4, 4, 2)).per_layer(3) == [4, 4, 2]  # a longer tuple is a per-layer list
+    for spec in (8, (16, -1), [4], [4, 2, 0], "keep=0.25", "macs=0.5"):
+        s = Schedule.parse(spec)
+        assert Schedule.parse(s.spec()) == s
     for bad in ("-1", "r", "keep=0", "macs=2", "16:-3", "tokens=0.5"):
         with pytest.raises(ScheduleError):
             Schedule.parse(bad)
@@ -288,10 +292,52 @@ def test_train_and_bench_with_tome(capsys, tmp_path, synth_small):
     assert code == 0, err
     model = load_model(out)
     assert tome.is_patched(model) and model._tome.r == [4, 4]
-    code, stdout, err = run_cli(capsys, "bench", "--checkpoint", str(out), "--tome-r", "0,2", "--repeats", "1",
+    code, stdout, err = run_cli(capsys, "bench", "--checkpoint", str(out), "--tome-r", "none,0,2", "--repeats", "1",
                                 "--min-repeat-seconds", "0.01", "--latency-runs", "2", "--no-energy", "--json",
                                 "--no-progress")
     assert code == 0, err
     ms = json.loads(stdout)["measurements"]
-    assert [m["tome"]["r_per_layer"] for m in ms] == [[0, 0], [2, 2]]
-    assert ms[1]["macs"] < ms[0]["macs"] and ms[0]["accuracy"] is not None
+    assert ms[0]["tome"] is None  # "none": the stock model, merging removed from the checkpoint
+    assert [m["tome"]["r_per_layer"] for m in ms[1:]] == [[0, 0], [2, 2]]
+    assert ms[0]["macs"] == ms[1]["macs"] > ms[2]["macs"] and ms[0]["accuracy"] is not None
+
+
+def test_patched_model_pickles_and_copies(x, tmp_path):
+    import copy
+    import pickle
+
+    model = tome.apply(_distilled(), 3)
+    with torch.no_grad():
+        ref = model(x)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert tome.is_patched(clone) and clone._tome is not model._tome
+        assert clone.blocks[0]._tome is clone._tome  # blocks share the copy's state
+        with torch.no_grad():
+            assert torch.equal(clone(x), ref)
+
+
+def test_gradient_checkpointing_is_refused(x):
+    model = tome.apply(_vit().train(), 2)
+    model.set_grad_checkpointing(True)
+    with pytest.raises(ToMeError, match="gradient checkpointing"):
+        model(x)
+
+
+def test_fp16_merge_of_large_values_stays_finite():
+    x = torch.full((1, 5, 2), 30000.0).half()  # sizes x values exceed fp16's 65504
+    m = bipartite_soft_matching(torch.randn(1, 5, 4), r=2, protected=1)
+    merged, size = merge_wavg(m, x, torch.tensor([[[1.0], [3.0], [5.0], [2.0], [4.0]]]))
+    assert merged.dtype == torch.float16 and torch.isfinite(merged).all()
+    assert torch.allclose(merged.float(), torch.full_like(merged.float(), 30000.0))
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp16", "int8"])
+def test_tome_composes_with_precision_modes(mode, x):
+    from vitfab.precision import prepare_model
+
+    model = tome.apply(_vit(init_values=0.1), 4)
+    with torch.no_grad():
+        ref = model(x)
+        out = prepare_model(model, mode, "cpu")(x)
+    assert torch.isfinite(out).all() and out.dtype == torch.float32
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 2 / 3

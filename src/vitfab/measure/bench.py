@@ -81,12 +81,14 @@ class BenchConfig:
         changes.setdefault("label", None)
         return dataclasses.replace(self, **changes)
 
-    def describe(self) -> str:
+    def describe(self, resolved: str | None = None) -> str:
+        """The row label; ``resolved``: the mode that ``auto`` chose."""
         if self.label:
             return self.label
         name = self.model or Path(self.checkpoint).name
         name = name.replace("_patch16_224", "").replace("_224", "")
-        parts = [name, self.precision if self.method == "cast" else f"{self.precision}-autocast"]
+        mode = f"auto->{resolved}" if self.precision == AUTO and resolved else self.precision
+        parts = [name, mode if self.method == "cast" else f"{mode}-autocast"]
         if self.tome_r is not None:
             parts.append(Schedule.parse(self.tome_r).describe())
         return " ".join(parts)
@@ -102,9 +104,11 @@ def parse_tome_spec(value: str) -> str | None:
 
 
 def apply_token_merging(model: nn.Module, spec: str | None) -> nn.Module:
-    if spec is not None:
-        tome.apply(model, spec)
-    return model
+    """The schedule ``spec``, or the stock model (merging removed, also from a checkpoint saved
+    with it) for None."""
+    if spec is None:
+        return tome.remove(model)
+    return tome.apply(model, spec)
 
 
 def load_fp32_model(cfg: BenchConfig) -> nn.Module:
@@ -151,6 +155,8 @@ def _prepare(cfg: BenchConfig, device: torch.device, data, split: str, tolerance
         val_loader = loader  # choose on validation data, report top-1 on the split asked for
         if data is None and split != "val":
             val = labelled_samples(base, cfg.checkpoint, None, False, "val")
+            if val is None:
+                raise VitfabError("--precision auto chooses on the validation split, and this run has none")
             val_loader = make_eval_loader(val[0], val[1], base.vitfab_meta.preprocess, batch_size=64)
         choice = select_precision(base, val_loader, device, tolerance, progress=progress)
         precision = choice.precision
@@ -217,7 +223,7 @@ def benchmark(
     out = []
     for p, s, l, (mb, kind), e in zip(prepared, speeds, lat, mem, joules):
         out.append(Measurement(
-            label=p.cfg.describe().replace("auto", f"auto->{p.precision.value}"), model=p.name, precision=p.precision.value, device=str(device),
+            label=p.cfg.describe(p.precision.value), model=p.name, precision=p.precision.value, device=str(device),
             device_name=device_name(device), batch_size=len(p.x), img_size=p.img_size,
             threads=torch.get_num_threads(), params=p.params, macs=p.macs, img_per_s=median(s),
             img_per_s_runs=[round(v, 3) for v in s], latency_ms=percentiles(l), peak_memory_mb=mb,

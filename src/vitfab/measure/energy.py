@@ -128,6 +128,9 @@ def open_energy_counter(device: torch.device, powercap: str | Path | None = None
     device = torch.device(device)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
+        to_nvml = getattr(torch.cuda, "_get_nvml_device_index", None)  # CUDA order != NVML's PCI order
+        if to_nvml is not None and torch.cuda.is_available():
+            index = to_nvml(index)
         return NvmlCounter(index, nvml)
     if device.type == "cpu":
         return RaplCounter(POWERCAP if powercap is None else powercap)
@@ -156,7 +159,7 @@ def measure_energy(
                 counter.close()
     for _ in range(warmup):
         fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     sync()
     e0, t0, calls = counter.read(), time.perf_counter(), 0
     while True:

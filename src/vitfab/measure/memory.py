@@ -59,17 +59,20 @@ def weights_bytes(model: nn.Module) -> int:
 def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[float | None, str]:
     """(MiB, what was measured) for one call of ``fn``.
 
-    CUDA: ``max_memory_allocated`` during the call (weights included). CPU: growth of the peak
-    resident set over the resident set before the call (activations and workspace; the weights
-    are already resident). ``None`` with the reason where the OS gives no peak counter.
+    Both count what the call adds on top of what is already there (activations and workspace;
+    the weights are reported apart, see ``weights_bytes``), so models loaded side by side do not
+    count in each other's figure. CUDA: ``max_memory_allocated`` during the call minus the
+    allocation before it. CPU: growth of the peak resident set over the resident set before the
+    call. ``None`` with the reason where the OS gives no peak counter.
     """
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
         fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20, "cuda max allocated growth"
     if not _reset_peak_rss():
         return None, "unavailable: /proc/self/clear_refs cannot reset the peak RSS here"
     before = _status_kb("VmRSS")

@@ -29,13 +29,14 @@ class Stopwatch:
     def __call__(self, fn: Callable[[], object], iters: int = 1) -> float:
         """Seconds for ``iters`` calls of ``fn``."""
         if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            synchronize(self.device)
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            end.synchronize()
+            with torch.cuda.device(self.device):  # events on this device's stream, not the current one
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                synchronize(self.device)
+                start.record()
+                for _ in range(iters):
+                    fn()
+                end.record()
+                end.synchronize()
             return start.elapsed_time(end) / 1000.0
         synchronize(self.device)
         t0 = time.perf_counter()

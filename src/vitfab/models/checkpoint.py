@@ -103,5 +103,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> VisionTr
     if tome:
         from ..tome import apply
 
-        apply(model, list(tome["r_per_layer"]), prop_attn=tome.get("prop_attn", True))
+        apply(model, tome.get("spec", list(tome["r_per_layer"])), prop_attn=tome.get("prop_attn", True))
     return model.to(device).eval()

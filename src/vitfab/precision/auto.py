@@ -74,16 +74,13 @@ def choose_precision(
     return PrecisionChoice(Precision(best.precision), device, tolerance, ref.accuracy, trials)
 
 
-@torch.inference_mode()
 def validation_accuracy(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision) -> float:
     """Top-1 of a prepared model over ``loader``, with the non-finite-logits guard."""
-    correct = total = 0
-    for x, y in loader:
-        logits = model(x.to(device))
-        check_finite(logits, precision)
-        correct += int((logits.argmax(1).cpu() == torch.as_tensor(y)).sum())
-        total += len(y)
-    return correct / max(total, 1)
+    from ..evaluate.runner import collect_logits
+
+    logits, targets = collect_logits(model, loader, device, progress=False)
+    check_finite(torch.from_numpy(logits), precision)
+    return float((logits.argmax(1) == targets).mean()) if len(targets) else 0.0
 
 
 def select_precision(

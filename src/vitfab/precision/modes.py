@@ -50,6 +50,10 @@ def int8_engine_available() -> bool:
     return any(e != "none" for e in torch.backends.quantized.supported_engines)
 
 
+def _cuda_native_bf16(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def unsupported_reason(precision: Precision, device: torch.device) -> str | None:
     """Why ``precision`` cannot run on ``device``, or None where it can.
 
@@ -61,8 +65,8 @@ def unsupported_reason(precision: Precision, device: torch.device) -> str | None
             return "int8 is dynamic quantisation for CPUs; on CUDA use fp16 or bf16"
         if not int8_engine_available():
             return "this torch build has no quantized CPU engine (fbgemm/x86/onednn) for int8"
-    if precision is Precision.BF16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return f"{torch.cuda.get_device_name(device)} has no bf16 support"
+    if precision is Precision.BF16 and device.type == "cuda" and not _cuda_native_bf16(device):
+        return f"{torch.cuda.get_device_name(device)} has no native bf16 (before Ampere)"
     return None
 
 

@@ -37,6 +37,8 @@ class Matching:
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """Sum each merged A token into its B partner: (B, N, C) -> (B, N - r, C)."""
+        if self.r == 0:
+            return x
         p = self.protected
         prefix, a, b = x[:, :p], x[:, p::2], x[:, p + 1::2]
         c = x.shape[-1]
@@ -54,7 +56,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) ->
     """
     n = metric.shape[1]
     r = clip_r(r, n, protected)
-    if r == 0:  # nothing merges; the tokens come back as [prefix, A, B]
+    if r == 0:  # nothing merges (merge() returns its input)
         idx = torch.arange((n - protected + 1) // 2, device=metric.device)[None, :, None].expand(metric.shape[0], -1, -1)
         empty = idx[:, :0]
         return Matching(protected, idx, empty, empty)
@@ -79,9 +81,9 @@ def merge_wavg(matching: Matching, x: torch.Tensor, size: torch.Tensor | None = 
     """
     if size is None:
         size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
-    total = matching.merge(x * size.to(x.dtype))
+    total = matching.merge(x.float() * size)  # fp32: size x value would overflow fp16
     size = matching.merge(size)
-    return total / size.to(x.dtype), size
+    return (total / size).to(x.dtype), size
 
 
 def merge_source(matching: Matching, source: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

@@ -106,6 +106,9 @@ class ToMeModelMixin:
     """Put in front of the model's own class: reset per pass, size-weighted pooling."""
 
     def forward_features(self, x, *args, **kwargs):
+        if getattr(self, "grad_checkpointing", False) and self.training and any(self._tome.r):
+            raise ToMeError("gradient checkpointing re-runs blocks after the merge state moved on; "
+                            "turn it off to train with token merging")
         self._tome.reset()
         return super().forward_features(x, *args, **kwargs)
 
@@ -128,7 +131,10 @@ _PATCHED_CLASSES: dict[type, type] = {}
 
 def _patched_class(cls: type) -> type:
     if cls not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls] = type(f"ToMe{cls.__name__}", (ToMeModelMixin, cls), {"_tome_base": cls})
+        name = f"ToMe{cls.__name__}"
+        new = type(name, (ToMeModelMixin, cls), {"_tome_base": cls, "__module__": __name__, "__qualname__": name})
+        globals()[name] = new  # so that pickle / torch.save of a patched model find the class
+        _PATCHED_CLASSES[cls] = new
     return _PATCHED_CLASSES[cls]
 
 
@@ -153,7 +159,9 @@ def _check(model: torch.nn.Module) -> None:
 
 def block_macs(model: VisionTransformer, flow: list[tuple[int, int]]) -> float:
     """MACs of patch embedding + blocks when block i attends over flow[i][0] tokens and runs its
-    MLP on flow[i][1]; from the layer shapes (for turning a MACs target into a schedule)."""
+    MLP on flow[i][1]; from the layer shapes (for turning a MACs target into a schedule). The
+    head and the merges themselves are left out: ``macs=F`` is a fraction of this total, which
+    is within a fraction of a percent of what ``measure.count_macs`` counts for a ViT."""
     proj = model.patch_embed.proj
     total = float(model.patch_embed.num_patches * proj.weight.numel())
     for blk, (n_attn, n_mlp) in zip(model.blocks, flow):
@@ -229,4 +237,5 @@ def tome_info(model: torch.nn.Module) -> dict[str, Any] | None:
     if not is_patched(model):
         return None
     s = model._tome
-    return {"schedule": s.schedule.describe(), "r_per_layer": list(s.r), "prop_attn": s.prop_attn}
+    return {"schedule": s.schedule.describe(), "spec": s.schedule.spec(), "r_per_layer": list(s.r),
+            "prop_attn": s.prop_attn}

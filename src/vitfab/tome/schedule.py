@@ -52,9 +52,7 @@ class Schedule:
             if spec < 0:
                 raise ScheduleError(f"ToMe r must be >= 0, got {spec}")
             return cls("constant", spec)
-        if isinstance(spec, tuple):
-            if len(spec) != 2:
-                raise ScheduleError(f"a ToMe (r, inflection) schedule has two numbers, got {spec!r}")
+        if isinstance(spec, tuple) and len(spec) == 2:
             r, inflection = int(spec[0]), float(spec[1])
             if r < 0 or not -1.0 <= inflection <= 1.0:
                 raise ScheduleError(f"ToMe (r, inflection) needs r >= 0 and -1 <= inflection <= 1, got {spec!r}")
@@ -109,6 +107,16 @@ class Schedule:
                 raise ScheduleError(f"ToMe schedule lists {len(self.values)} layers; the model has {num_layers}")
             return list(self.values) + [0] * (num_layers - len(self.values))
         raise ScheduleError(f"a '{self.kind}=' schedule is resolved against a model (tome.apply does that)")
+
+    def spec(self) -> str:
+        """A string that ``Schedule.parse`` reads back to this schedule."""
+        if self.kind == "constant":
+            return str(self.r)
+        if self.kind == "linear":
+            return f"{self.r}:{self.inflection:g}"
+        if self.kind == "list":
+            return "/".join(map(str, self.values)) + ("/" if len(self.values) == 1 else "")
+        return f"{self.kind}={self.target:g}"
 
     def describe(self) -> str:
         if self.kind == "constant":
