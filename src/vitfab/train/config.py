@@ -30,6 +30,7 @@ class TrainConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     drop_path: float = 0.1
+    augment: bool = True  # off: the evaluation transform in training too (deterministic batches)
     clip_grad: float | None = None
     amp: str = "auto"
     accum_steps: int = 1

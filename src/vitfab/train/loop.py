@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from ..data.dataset import ImageListDataset
 from ..data.images import scan_checked
 from ..data.split import Split, make_split
-from ..data.transforms import train_transform
+from ..data.transforms import eval_transform, train_transform
 from ..errors import VitfabError
 from ..evaluate.metrics import classification_metrics
 from ..evaluate.runner import collect_logits, make_eval_loader, plot_confusion
@@ -40,7 +40,7 @@ from ..models.factory import check_model_name, create_model, describe
 from ..models.weights import read_state_dict
 from ..progress import console, make_progress
 from ..rundir import RunDir
-from ..runtime import autocast, default_workers, resolve_amp, resolve_device
+from ..runtime import autocast, barrier, broadcast_object, default_workers, resolve_amp, resolve_device, world
 from .config import TrainConfig
 
 
@@ -52,6 +52,26 @@ class TrainResult:
     test: dict[str, Any] | None
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class RankShareSampler(torch.utils.data.Sampler):
+    """Under ``torchrun``: one seeded permutation per epoch (the one a single process would
+    shuffle with the same generator), cut into global batches; rank r takes the r-th share of
+    each. Averaged over ranks, the gradients equal a single process's on the global batch."""
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, generator: torch.Generator):
+        self.local_batch = max(1, global_batch // world)
+        self.global_batch = self.local_batch * world
+        self.perm = torch.randperm(n, generator=generator).tolist()
+        self.rank = rank
+
+    def __iter__(self):
+        for start in range(0, len(self.perm) - self.global_batch + 1, self.global_batch):
+            share = start + self.rank * self.local_batch
+            yield from self.perm[share:share + self.local_batch]
+
+    def __len__(self) -> int:
+        return (len(self.perm) // self.global_batch) * self.local_batch
 
 
 def seed_everything(seed: int) -> None:
@@ -121,11 +141,21 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.amp = resolve_amp(config.amp, self.device)
         self.workers = default_workers() if config.workers is None else config.workers
+        self.rank, self.world = world()
+        self.progress = progress and self.rank == 0
+        if self.world > 1 and config.batch_size % self.world:
+            raise VitfabError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
+                              f"{self.world} processes")
 
     # --- setup -------------------------------------------------------------------------
     def _train_loader(self, epoch: int) -> DataLoader:
-        ds = ImageListDataset(self.split.root, self.split.train, train_transform(self.pre))
+        transform = train_transform(self.pre) if self.config.augment else eval_transform(self.pre)
+        ds = ImageListDataset(self.split.root, self.split.train, transform)
         g = torch.Generator().manual_seed(epoch_seed(self.config.seed, epoch))
+        if self.world > 1:  # each rank takes its share of every global batch of the same permutation
+            sampler = RankShareSampler(len(ds), min(self.config.batch_size, len(ds)), self.rank, self.world, g)
+            return DataLoader(ds, batch_size=sampler.local_batch, sampler=sampler, num_workers=self.workers,
+                              drop_last=True, pin_memory=self.device.type == "cuda")
         mixing = bool(self.config.mixup or self.config.cutmix)
         drop_last = mixing or len(ds) >= 4 * self.config.batch_size
         batch = min(self.config.batch_size, len(ds))
@@ -148,6 +178,12 @@ class Trainer:
     def setup(self, model) -> None:
         c = self.config
         self.model = model.to(self.device)
+        self.train_model = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
         self.pre = model.vitfab_meta.preprocess
         from timm.optim import create_optimizer_v2
 
@@ -194,19 +230,7 @@ class Trainer:
             target = y
             if self.mixup is not None:
                 x, target = self.mixup(x, y)
-            with autocast(self.device, self.amp):
-                out = model(x)
-            out = out.float()
-            if self.mixup is not None:
-                loss = torch.sum(-target * F.log_softmax(out, dim=-1), dim=-1).mean()
-            else:
-                loss = F.cross_entropy(out, target, label_smoothing=c.label_smoothing)
-            if not torch.isfinite(loss):
-                raise VitfabError(
-                    f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr or use --amp off"
-                )
-            scaled = loss / c.accum_steps
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss, out = self.train_step(x, target, epoch, i)
             if (i + 1) % c.accum_steps == 0 or i + 1 == len(loader):
                 if self.scaler:
                     self.scaler.unscale_(opt)
@@ -235,6 +259,27 @@ class Trainer:
             "img_per_s": n_seen / max(seconds, 1e-9),
             "train_seconds": seconds,
         }
+
+    def loss_of(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy with label smoothing, or against mixed soft targets."""
+        if self.mixup is not None:
+            return torch.sum(-target * F.log_softmax(out, dim=-1), dim=-1).mean()
+        return F.cross_entropy(out, target, label_smoothing=self.config.label_smoothing)
+
+    def backward(self, loss: torch.Tensor, epoch: int) -> None:
+        if not torch.isfinite(loss):
+            raise VitfabError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr or use --amp off")
+        scaled = loss / self.config.accum_steps
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+    def train_step(self, x: torch.Tensor, target: torch.Tensor, epoch: int, step: int):
+        """Forward and backward of one batch; returns (loss, logits). Subclasses change what runs."""
+        with autocast(self.device, self.amp):
+            out = self.train_model(x)
+        out = out.float()
+        loss = self.loss_of(out, target)
+        self.backward(loss, epoch)
+        return loss, out
 
     def validate(self, progress=None) -> dict[str, Any]:
         loader = make_eval_loader(self.split.root, self.split.val, self.pre, self.config.batch_size, self.workers)
@@ -265,35 +310,46 @@ class Trainer:
                         if key in val:
                             record[f"val_{key}"] = val[key]
                 score = (val["top1"], val["macro_f1"]) if val is not None else (float(epoch), 0.0)
-                # order matters for resume: metrics line, then best, then last (see module doc)
-                run.append_metrics(record)
                 history.append(record)
-                extra = {"epoch": epoch, "run": str(run.root)}
-                if score > self.best:
+                improved = score > self.best
+                if improved:
                     self.best, self.best_epoch = score, epoch
-                    save_checkpoint(run.checkpoint("best"), self.model, extra | {"val": _brief(val)})
-                save_checkpoint(
-                    run.checkpoint("last"), self.model, extra,
-                    train_state={
-                        "epoch": epoch,
-                        "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(),
-                        "scaler": self.scaler.state_dict() if self.scaler else None,
-                        "best": list(self.best),
-                        "best_epoch": self.best_epoch,
-                    },
-                )
+                if self.rank == 0:  # under torchrun the weights are identical on every rank
+                    self.save_epoch(record, improved, val)
+                barrier()
                 msg = f"epoch {epoch + 1}/{c.epochs}: train loss {stats['train_loss']:.3f}"
                 if val is not None:
                     msg += f", val top-1 {100 * val['top1']:.1f}%, macro-F1 {val['macro_f1']:.3f}"
-                progress.console.print(msg)
+                if self.rank == 0:
+                    progress.console.print(msg)
         seconds = time.perf_counter() - t_start
         best_val = next((r for r in history if r["epoch"] == self.best_epoch), {})
-        test = self.test() if self.split.test else None
-        cfg = run.read_config()
-        cfg["status"] = "done"
-        run.write_config(cfg)
+        test = self.test() if self.split.test and self.rank == 0 else None
+        if self.rank == 0:
+            cfg = run.read_config()
+            cfg["status"] = "done"
+            run.write_config(cfg)
+        barrier()
         return TrainResult(run, self.best_epoch, best_val, test, seconds, history)
+
+    def save_epoch(self, record: dict[str, Any], improved: bool, val: dict[str, Any] | None) -> None:
+        """Order matters for resume: metrics line, then best, then last (see module doc)."""
+        run, epoch = self.run, record["epoch"]
+        run.append_metrics(record)
+        extra = {"epoch": epoch, "run": str(run.root)}
+        if improved:
+            save_checkpoint(run.checkpoint("best"), self.model, extra | {"val": _brief(val)})
+        save_checkpoint(
+            run.checkpoint("last"), self.model, extra,
+            train_state={
+                "epoch": epoch,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "best": list(self.best),
+                "best_epoch": self.best_epoch,
+            },
+        )
 
     def test(self) -> dict[str, Any]:
         """The best checkpoint, once, on the test split; metrics and confusion PNG in eval/."""
@@ -331,17 +387,27 @@ def train(
     Every check (config, device, data, model, weights) runs before the run folder is made.
     """
     check_config(config)
-    split = split or prepare_split(config, progress)
+    split = split or prepare_split(config, progress and world()[0] == 0)
     model = build_model(config, split.classes)
-    run = RunDir.create(out, prefix="train")
-    split.save(run.split_path)
-    run.write_config({"kind": "train", "status": "running", "train": config.to_dict(), "lr": config.resolved_lr()})
-    console.print(f"run folder: {run.root}")
-    console.print(report_split(split))
-    console.print(describe(model))
+    run = start_run(out, "train", {"kind": "train", "status": "running", "train": config.to_dict(),
+                                   "lr": config.resolved_lr()}, split, describe(model))
     trainer = Trainer(run, config, split, progress)
     trainer.setup(model)
     return trainer.fit()
+
+
+def start_run(out: str | Path | None, prefix: str, config: dict[str, Any], split: Split, summary: str) -> RunDir:
+    """Make the run folder on rank 0 (the only one that writes), tell every rank where it is."""
+    root = None
+    if world()[0] == 0:
+        run = RunDir.create(out, prefix=prefix)
+        split.save(run.split_path)
+        run.write_config(config)
+        console.print(f"run folder: {run.root}")
+        console.print(report_split(split))
+        console.print(summary)
+        root = str(run.root)
+    return RunDir.open(broadcast_object(root))
 
 
 def resume(run_dir: str | Path, progress: bool = True) -> TrainResult:
