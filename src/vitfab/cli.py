@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthesise, inspect.")
 app.add_typer(data_app, name="data")
+nas_app = typer.Typer(no_args_is_help=True, help="Architecture search (AutoFormer): train a supernet, search, extract.")
+app.add_typer(nas_app, name="nas")
 tome_app = typer.Typer(no_args_is_help=True, help="Token merging (ToMe): visualise merges.")
 app.add_typer(tome_app, name="tome")
 
@@ -104,6 +106,9 @@ def train(
     weights: Optional[Path] = typer.Option(None, help="Start from a local .safetensors/.pth/.pt file."),
     tome_r: Optional[str] = typer.Option(None, help="Train with token merging on: R, R:INFLECTION, R1/R2/..., "
                                                     "keep=F or macs=F (recorded in the checkpoints)."),
+    arch: Optional[Path] = typer.Option(None, help="Train an AutoFormer subnet (a RETRAIN YAML) as a standalone "
+                                                   "model (vitfab_subnet); e.g. the best.yaml of `vitfab nas search`."),
+    augment: bool = typer.Option(True, help="Random crops/flips/rotations in training (off: deterministic)."),
     epochs: int = typer.Option(30),
     batch_size: int = typer.Option(64),
     lr: Optional[float] = typer.Option(None, help="Peak LR (default 5e-4 from scratch, 1e-4 from weights)."),
@@ -131,10 +136,18 @@ def train(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """Fine-tune a timm ViT (DeiT recipe) into a run folder; --resume continues one."""
+    from .runtime import init_distributed
     from .train import TrainConfig
     from .train import resume as resume_run
     from .train import train as train_run
 
+    init_distributed(device)
+    if arch is not None:
+        from .models.arch import load_arch
+        from .models.subnet import subnet_kwargs
+
+        model = "vitfab_subnet"
+        model_arg = list(model_arg) + [f"{k}={json.dumps(v)}" for k, v in subnet_kwargs(load_arch(arch)).items()]
     if resume is not None:
         result = resume_run(resume, progress)
     else:
@@ -143,7 +156,7 @@ def train(
         cfg = TrainConfig(
             data=str(data), model=model, img_size=img_size, patch_size=patch_size,
             model_args=_parse_model_args(model_arg), pretrained=pretrained,
-            weights=str(weights) if weights else None, tome=tome_r, epochs=epochs, batch_size=batch_size, lr=lr,
+            weights=str(weights) if weights else None, tome=tome_r, augment=augment, epochs=epochs, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
             label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, drop_path=drop_path,
             clip_grad=clip_grad, amp=amp, accum_steps=accum_steps, seed=seed, val_fraction=val_fraction,
@@ -362,6 +375,132 @@ def precision_(
                           f"  img/s {_fmt(row['img_per_s'], '8.1f', '       -')}  x {_fmt(row['speedup'], '5.2f', '    -')}"
                           f"  {row['reason']}", highlight=False)
     out_console.print(f"chosen: {choice.precision}", highlight=False)
+
+
+# --------------------------------------------------------------------------- architecture search
+@nas_app.command("train")
+def nas_train(
+    data: Optional[Path] = typer.Option(None, help="ImageFolder dataset."),
+    space: str = typer.Option("tiny", help="tiny, small, base, or a YAML file with SUPERNET and SEARCH_SPACE."),
+    img_size: Optional[int] = typer.Option(None, help="Input size (small-scale runs) [default: the space's, 224]."),
+    patch_size: Optional[int] = typer.Option(None, help="Patch size [default: the space's, 16]."),
+    sandwich: bool = typer.Option(False, help="Largest + smallest + random subnets per step, in-place distillation."),
+    num_random: int = typer.Option(2, help="Random subnets per sandwich step."),
+    init_from: Optional[Path] = typer.Option(None, help="A trained vitfab checkpoint copied into the leading slices."),
+    global_pool: str = typer.Option("token", help="token (class token) or avg."),
+    epochs: int = typer.Option(30),
+    batch_size: int = typer.Option(64, help="Global batch (split over torchrun processes)."),
+    lr: Optional[float] = typer.Option(None, help="Peak LR [default: 5e-4]."),
+    warmup_epochs: float = typer.Option(2.0),
+    drop_path: float = typer.Option(0.1),
+    label_smoothing: float = typer.Option(0.1),
+    augment: bool = typer.Option(True, help="Random crops/flips/rotations (off: deterministic batches)."),
+    amp: str = typer.Option("auto", help="auto, off, bf16, fp16."),
+    seed: int = typer.Option(0),
+    max_per_class: Optional[int] = typer.Option(None, help="Use at most N images per class (seeded)."),
+    device: str = typer.Option("auto"),
+    workers: Optional[int] = typer.Option(None),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/supernet-<time>)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue this supernet run after an interruption."),
+    as_json: bool = typer.Option(False, "--json"),
+    progress: bool = typer.Option(True),
+):
+    """Train an AutoFormer supernet (one process, or `torchrun --nproc_per_node N -m vitfab nas train`)."""
+    from .nas import SupernetConfig, resume_supernet, train_supernet
+    from .runtime import init_distributed
+
+    init_distributed(device)
+    if resume is not None:
+        result = resume_supernet(resume, progress)
+    else:
+        if data is None:
+            raise VitfabError("--data DIR is required (or --resume RUN_DIR)")
+        cfg = SupernetConfig(
+            data=str(data), space=space, img_size=img_size, patch_size=patch_size, sandwich=sandwich,
+            num_random=num_random, init_from=str(init_from) if init_from else None, global_pool=global_pool,
+            epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, drop_path=drop_path,
+            label_smoothing=label_smoothing, augment=augment, amp=amp, seed=seed, max_per_class=max_per_class,
+            device=device, workers=workers,
+        )
+        result = train_supernet(cfg, out, progress)
+    summary = {"run": str(result.run.root), "best_epoch": result.best_epoch, "best_val_largest": result.best_val,
+               "seconds": round(result.seconds, 1),
+               "img_per_s": [round(r.get("img_per_s", 0.0), 1) for r in result.history]}
+    if as_json:
+        _print_json(summary)
+    else:
+        out_console.print(f"supernet run: {result.run.root} ({result.seconds:.0f} s)", highlight=False)
+
+
+@nas_app.command("search")
+def nas_search(
+    supernet: Path = typer.Option(..., help="A supernet run folder (`vitfab nas train`)."),
+    data: Optional[Path] = typer.Option(None, help="Where the run's data lives now [default: as recorded]."),
+    max_params: Optional[float] = typer.Option(None, help="Limit, millions of parameters."),
+    min_params: Optional[float] = typer.Option(None, help="Lower limit, millions of parameters."),
+    max_gmacs: Optional[float] = typer.Option(None, help="Limit, GMACs per image."),
+    max_latency_ms: Optional[float] = typer.Option(None, help="Limit, batch-1 latency on --device (measured, cached)."),
+    population: int = typer.Option(50),
+    generations: int = typer.Option(20),
+    parents: int = typer.Option(10, help="Top-k parents per generation."),
+    mutations: int = typer.Option(25),
+    crossovers: int = typer.Option(25),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    out: Optional[Path] = typer.Option(None, help="Search folder [default: SUPERNET/search]; resumes if present."),
+    as_json: bool = typer.Option(False, "--json"),
+    progress: bool = typer.Option(True),
+):
+    """Evolutionary search (AutoFormer) under limits; candidates scored on the run's validation split."""
+    from .data.split import Split
+    from .evaluate.runner import make_eval_loader
+    from .nas import EvolutionarySearch, Limits, SearchConfig, load_supernet
+    from .rundir import RunDir
+    from .runtime import resolve_device
+
+    dev = resolve_device(device)
+    run = RunDir.open(supernet)
+    net = load_supernet(supernet, dev)
+    split = Split.load(run.split_path)
+    root = data or Path(split.root)
+    if not split.val:
+        raise VitfabError(f"{supernet} has no validation split to score candidates on")
+    if not Path(root).is_dir():
+        raise VitfabError(f"data folder of this run not found: {root} (pass --data to point to it)")
+    limits = Limits(None if max_params is None else max_params * 1e6, None if min_params is None else min_params * 1e6,
+                    max_gmacs, max_latency_ms)
+    cfg = SearchConfig(population, generations, parents, mutations, crossovers, seed=seed)
+    loader = make_eval_loader(root, split.val, net.vitfab_meta.preprocess)
+    result = EvolutionarySearch(net, loader, dev, limits, cfg, out or run.root / "search", progress).run()
+    b = result.best
+    summary = {"best": b.to_dict(), "evaluated": result.evaluated, "seconds": round(result.seconds, 1),
+               "pareto": [c.to_dict() for c in result.pareto], "out": str(result.out)}
+    if as_json:
+        _print_json(summary)
+        return
+    out_console.print(f"best of {result.evaluated} candidates ({limits.describe()}): {b.arch.short()}\n"
+                      f"  val top-1 {100 * b.accuracy:.2f}% (supernet weights), {b.params / 1e6:.2f}M params, "
+                      f"{b.gmacs:.3f} GMACs\n  {len(result.pareto)} on the Pareto front; files in {result.out} "
+                      f"(best.yaml, candidates.yaml, pareto.csv)", highlight=False)
+
+
+@nas_app.command("extract")
+def nas_extract(
+    supernet: Path = typer.Option(..., help="A supernet run folder or checkpoint."),
+    subnet: Path = typer.Option(..., help="Architecture YAML (RETRAIN shape), e.g. SUPERNET/search/best.yaml."),
+    out: Path = typer.Option(..., help="Checkpoint folder to write (loads with vitfab.load_model)."),
+):
+    """Slice a subnet out of the supernet as a standalone timm VisionTransformer."""
+    from .measure import count_macs, count_params
+    from .models.arch import load_arch
+    from .nas import extract_to, load_supernet
+    from .models import load_model
+
+    net = load_supernet(supernet)
+    folder = extract_to(net, load_arch(subnet), out, str(supernet))
+    model = load_model(folder)
+    out_console.print(f"{model.vitfab_meta.name}: {count_params(model) / 1e6:.2f}M params, "
+                      f"{count_macs(model) / 1e9:.3f} GMACs -> {folder}", highlight=False)
 
 
 # --------------------------------------------------------------------------- token merging

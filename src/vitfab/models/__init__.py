@@ -3,5 +3,7 @@
 from .checkpoint import load_model, read_meta, save_checkpoint
 from .factory import BASELINE, create_model, describe
 from .meta import ModelMeta
+from .subnet import subnet_kwargs  # importing it registers vitfab_subnet with timm
 
-__all__ = ["BASELINE", "ModelMeta", "create_model", "describe", "load_model", "read_meta", "save_checkpoint"]
+__all__ = ["BASELINE", "ModelMeta", "create_model", "describe", "load_model", "read_meta", "save_checkpoint",
+           "subnet_kwargs"]

@@ -54,24 +54,30 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-class RankShareSampler(torch.utils.data.Sampler):
-    """Under ``torchrun``: one seeded permutation per epoch (the one a single process would
-    shuffle with the same generator), cut into global batches; rank r takes the r-th share of
-    each. Averaged over ranks, the gradients equal a single process's on the global batch."""
+class ShareSampler(torch.utils.data.Sampler):
+    """One seeded permutation per epoch, cut into global batches; under ``torchrun`` rank r takes
+    the r-th share of each (the incomplete last batch is then dropped). Averaged over ranks, the
+    gradients equal one process's on the global batch, so N processes train like one."""
 
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, generator: torch.Generator):
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, generator: torch.Generator,
+                 drop_last: bool = True):
         self.local_batch = max(1, global_batch // world)
         self.global_batch = self.local_batch * world
         self.perm = torch.randperm(n, generator=generator).tolist()
-        self.rank = rank
+        self.rank, self.world, self.drop_last = rank, world, drop_last or world > 1
+
+    def _starts(self) -> range:
+        n = len(self.perm)
+        return range(0, n - self.global_batch + 1 if self.drop_last else n, self.global_batch)
 
     def __iter__(self):
-        for start in range(0, len(self.perm) - self.global_batch + 1, self.global_batch):
+        for start in self._starts():
             share = start + self.rank * self.local_batch
             yield from self.perm[share:share + self.local_batch]
 
     def __len__(self) -> int:
-        return (len(self.perm) // self.global_batch) * self.local_batch
+        return sum(len(self.perm[s + self.rank * self.local_batch:s + (self.rank + 1) * self.local_batch])
+                   for s in self._starts())
 
 
 def seed_everything(seed: int) -> None:
@@ -152,25 +158,14 @@ class Trainer:
         transform = train_transform(self.pre) if self.config.augment else eval_transform(self.pre)
         ds = ImageListDataset(self.split.root, self.split.train, transform)
         g = torch.Generator().manual_seed(epoch_seed(self.config.seed, epoch))
-        if self.world > 1:  # each rank takes its share of every global batch of the same permutation
-            sampler = RankShareSampler(len(ds), min(self.config.batch_size, len(ds)), self.rank, self.world, g)
-            return DataLoader(ds, batch_size=sampler.local_batch, sampler=sampler, num_workers=self.workers,
-                              drop_last=True, pin_memory=self.device.type == "cuda")
         mixing = bool(self.config.mixup or self.config.cutmix)
-        drop_last = mixing or len(ds) >= 4 * self.config.batch_size
         batch = min(self.config.batch_size, len(ds))
         if mixing:  # mixup pairs images: it needs an even batch
             batch = max(2, batch - batch % 2)
-        return DataLoader(
-            ds,
-            batch_size=batch,
-            shuffle=True,
-            generator=g,
-            num_workers=self.workers,
-            drop_last=drop_last and len(ds) >= batch,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-        )
+        drop_last = (mixing or len(ds) >= 4 * batch or self.world > 1) and len(ds) >= batch
+        sampler = ShareSampler(len(ds), batch, self.rank, self.world, g, drop_last)
+        return DataLoader(ds, batch_size=sampler.local_batch, sampler=sampler, num_workers=self.workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     def _steps_per_epoch(self) -> int:
         return math.ceil(len(self._train_loader(0)) / self.config.accum_steps)
@@ -411,30 +406,38 @@ def start_run(out: str | Path | None, prefix: str, config: dict[str, Any], split
 
 
 def resume(run_dir: str | Path, progress: bool = True) -> TrainResult:
-    """Continue a run after its last complete epoch (e.g. after ``kill -9``)."""
+    """Continue a training run after its last complete epoch (e.g. after ``kill -9``)."""
+    return resume_run(run_dir, "train", TrainConfig, build_model, Trainer, progress)
+
+
+def resume_run(run_dir: str | Path, kind: str, config_cls, build, trainer_cls, progress: bool = True) -> TrainResult:
+    """The resume procedure for any trainer: ``build(config, classes, with_weights)`` makes the
+    model, ``trainer_cls(run, config, split, progress)`` trains it."""
     run = RunDir.open(run_dir)
     cfg = run.read_config()
-    if cfg.get("kind") != "train":
-        raise VitfabError(f"{run.root} is not a training run")
-    config = TrainConfig.from_dict(cfg["train"])
+    if cfg.get("kind") != kind:
+        raise VitfabError(f"{run.root} is not a {kind} run (it is '{cfg.get('kind')}')")
+    config = config_cls.from_dict(cfg["train"])
     split = Split.load(run.split_path)
+    trainer = trainer_cls(run, config, split, progress)
     last = existing_dir(run.checkpoint("last"))
-    model = build_model(config, split.classes, with_weights=False)
-    trainer = Trainer(run, config, split, progress)
     if last is None:  # killed before the first epoch ended: start over with the same split
-        model = build_model(config, split.classes)
-        trainer.setup(model)
-        run.truncate_metrics(-1)
-        console.print(f"resuming {run.root} from the start (no complete epoch)")
+        trainer.setup(build(config, split.classes, True))
+        if trainer.rank == 0:
+            run.truncate_metrics(-1)
+            console.print(f"resuming {run.root} from the start (no complete epoch)")
         return trainer.fit()
+    model = build(config, split.classes, False)
     model.load_state_dict(read_state_dict(last / "model.safetensors"))
     model.vitfab_meta = read_meta(last)
     trainer.setup(model)
     state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
     trainer.restore(state)
-    run.truncate_metrics(trainer.start_epoch - 1)
-    if trainer.start_epoch >= config.epochs and cfg.get("status") == "done":
-        console.print(f"{run.root} has already finished all {config.epochs} epochs")
-    else:
-        console.print(f"resuming {run.root} at epoch {trainer.start_epoch + 1}/{config.epochs}")
+    if trainer.rank == 0:
+        run.truncate_metrics(trainer.start_epoch - 1)
+        if trainer.start_epoch >= config.epochs and cfg.get("status") == "done":
+            console.print(f"{run.root} has already finished all {config.epochs} epochs")
+        else:
+            console.print(f"resuming {run.root} at epoch {trainer.start_epoch + 1}/{config.epochs}")
+    barrier()
     return trainer.fit()

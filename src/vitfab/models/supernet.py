@@ -1,0 +1,140 @@
+"""AutoFormer's weight-entangled supernet (Chen et al., ICCV 2021).
+
+Every subnet uses the leading slice of each shared weight: patch and position embeddings up to
+the sampled embed dim; the first h heads of q, k and v (fixed head width, so the qkv width is
+h x 64) and the matching columns of the output projection; the first embed x mlp_ratio hidden
+units of fc1/fc2; LayerNorm over the sampled width; the first ``depth`` blocks. The embed dim
+is shared by all blocks; heads and MLP ratio are chosen per block. ``set_arch`` picks the
+subnet the next forward passes run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+from .arch import ArchConfig, SearchSpace, SpaceError
+
+LN_EPS = 1e-6  # as timm's ViTs
+
+
+class SuperAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim)
+        self.proj = nn.Linear(num_heads * head_dim, dim)
+
+    def qkv_slice(self, embed: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the first ``heads`` heads of q, k and v; columns of the first ``embed`` dims."""
+        hd, h_max = self.head_dim, self.num_heads
+        w = self.qkv.weight.view(3, h_max, hd, -1)[:, :heads, :, :embed].reshape(3 * heads * hd, embed)
+        b = self.qkv.bias.view(3, h_max, hd)[:, :heads].reshape(3 * heads * hd)
+        return w, b
+
+    def forward(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        B, N, e = x.shape
+        w, b = self.qkv_slice(e, heads)
+        q, k, v = F.linear(x, w, b).reshape(B, N, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, heads * self.head_dim)
+        return F.linear(x, self.proj.weight[:e, : heads * self.head_dim], self.proj.bias[:e])
+
+
+class SuperBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, head_dim: int, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = SuperAttention(dim, num_heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+        self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, heads: int, hidden: int) -> torch.Tensor:
+        e = x.shape[-1]
+        y = F.layer_norm(x, (e,), self.norm1.weight[:e], self.norm1.bias[:e], LN_EPS)
+        x = x + self.drop_path(self.attn(y, heads))
+        y = F.layer_norm(x, (e,), self.norm2.weight[:e], self.norm2.bias[:e], LN_EPS)
+        y = F.gelu(F.linear(y, self.fc1.weight[:hidden, :e], self.fc1.bias[:hidden]))
+        y = F.linear(y, self.fc2.weight[:e, :hidden], self.fc2.bias[:e])
+        return x + self.drop_path(y)
+
+
+class Supernet(nn.Module):
+    def __init__(self, space: SearchSpace, num_classes: int, drop_path_rate: float = 0.1,
+                 global_pool: str = "token"):
+        super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise SpaceError(f"global_pool must be token or avg, got {global_pool}")
+        self.space, self.num_classes, self.global_pool = space, num_classes, global_pool
+        E, p = space.super_embed_dim, space.patch_size
+        n = (space.img_size // p) ** 2
+        self.patch_embed = nn.Conv2d(3, E, p, p)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, E))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, E))
+        dpr = torch.linspace(0, drop_path_rate, space.super_depth).tolist()
+        self.blocks = nn.ModuleList(
+            SuperBlock(E, space.super_num_heads, space.super_mlp_ratio, space.head_dim, dpr[i])
+            for i in range(space.super_depth)
+        )
+        self.norm = nn.LayerNorm(E, eps=LN_EPS)
+        self.head = nn.Linear(E, num_classes)
+        self._init_weights()
+        self.arch = space.largest()
+
+    def _init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def set_arch(self, arch: ArchConfig) -> None:
+        why = self.space.fits(arch)
+        if why:
+            raise SpaceError(f"architecture {arch.short()} does not fit the supernet: {why}")
+        self.arch = arch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.arch
+        e = a.embed_dim
+        x = F.conv2d(x, self.patch_embed.weight[:e], self.patch_embed.bias[:e], stride=self.space.patch_size)
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token[..., :e].expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed[..., :e]
+        for i in range(a.depth):
+            x = self.blocks[i](x, a.num_heads[i], a.mlp_hidden(i))
+        x = F.layer_norm(x, (e,), self.norm.weight[:e], self.norm.bias[:e], LN_EPS)
+        x = x[:, 0] if self.global_pool == "token" else x[:, 1:].mean(dim=1)
+        return F.linear(x, self.head.weight[:, :e], self.head.bias)
+
+    def subnet_state_dict(self, arch: ArchConfig) -> dict[str, torch.Tensor]:
+        """The weights of ``arch`` under the names of the standalone timm model (vitfab_subnet)."""
+        why = self.space.fits(arch)
+        if why:
+            raise SpaceError(f"architecture {arch.short()} does not fit the supernet: {why}")
+        e, sd = arch.embed_dim, {}
+        sd["cls_token"] = self.cls_token[..., :e]
+        sd["pos_embed"] = self.pos_embed[..., :e]
+        sd["patch_embed.proj.weight"] = self.patch_embed.weight[:e]
+        sd["patch_embed.proj.bias"] = self.patch_embed.bias[:e]
+        for i in range(arch.depth):
+            blk, h, hid, a = self.blocks[i], arch.num_heads[i], arch.mlp_hidden(i), arch.num_heads[i] * self.space.head_dim
+            pre = f"blocks.{i}."
+            w, b = blk.attn.qkv_slice(e, h)
+            sd |= {
+                pre + "norm1.weight": blk.norm1.weight[:e], pre + "norm1.bias": blk.norm1.bias[:e],
+                pre + "attn.qkv.weight": w, pre + "attn.qkv.bias": b,
+                pre + "attn.proj.weight": blk.attn.proj.weight[:e, :a], pre + "attn.proj.bias": blk.attn.proj.bias[:e],
+                pre + "norm2.weight": blk.norm2.weight[:e], pre + "norm2.bias": blk.norm2.bias[:e],
+                pre + "mlp.fc1.weight": blk.fc1.weight[:hid, :e], pre + "mlp.fc1.bias": blk.fc1.bias[:hid],
+                pre + "mlp.fc2.weight": blk.fc2.weight[:e, :hid], pre + "mlp.fc2.bias": blk.fc2.bias[:e],
+            }
+        sd["norm.weight"], sd["norm.bias"] = self.norm.weight[:e], self.norm.bias[:e]
+        sd["head.weight"], sd["head.bias"] = self.head.weight[:, :e], self.head.bias
+        return {k: v.detach().clone().contiguous() for k, v in sd.items()}
