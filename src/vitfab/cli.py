@@ -486,18 +486,28 @@ def nas_search(
 
 @nas_app.command("extract")
 def nas_extract(
-    supernet: Path = typer.Option(..., help="A supernet run folder or checkpoint."),
-    subnet: Path = typer.Option(..., help="Architecture YAML (RETRAIN shape), e.g. SUPERNET/search/best.yaml."),
+    subnet: str = typer.Option(..., help="Architecture YAML (RETRAIN shape), e.g. SUPERNET/search/best.yaml, or "
+                                         "a published one: AutoFormer-T, AutoFormer-S, AutoFormer-B."),
     out: Path = typer.Option(..., help="Checkpoint folder to write (loads with vitfab.load_model)."),
+    supernet: Optional[Path] = typer.Option(None, help="A supernet run folder or checkpoint (vitfab nas train)."),
+    official_checkpoint: Optional[Path] = typer.Option(None, help="A supernet released by the AutoFormer authors."),
+    space: str = typer.Option("tiny", help="With --official-checkpoint: tiny, small, base or a YAML file."),
 ):
-    """Slice a subnet out of the supernet as a standalone timm VisionTransformer."""
+    """Slice a subnet out of a supernet as a standalone timm VisionTransformer."""
     from .measure import count_macs, count_params
+    from .models import load_model
     from .models.arch import load_arch
     from .nas import extract_to, load_supernet
-    from .models import load_model
+    from .nas.official import PUBLISHED, load_official_autoformer, published_arch
 
-    net = load_supernet(supernet)
-    folder = extract_to(net, load_arch(subnet), out, str(supernet))
+    if (supernet is None) == (official_checkpoint is None):
+        raise VitfabError("give exactly one of --supernet RUN_DIR or --official-checkpoint PATH")
+    if subnet.upper().startswith("AUTOFORMER-") and subnet.upper()[-1] in PUBLISHED and not Path(subnet).exists():
+        arch = published_arch(subnet)
+    else:
+        arch = load_arch(subnet)
+    net = load_supernet(supernet) if supernet else load_official_autoformer(official_checkpoint, space)
+    folder = extract_to(net, arch, out, str(supernet or official_checkpoint))
     model = load_model(folder)
     out_console.print(f"{model.vitfab_meta.name}: {count_params(model) / 1e6:.2f}M params, "
                       f"{count_macs(model) / 1e9:.3f} GMACs -> {folder}", highlight=False)

@@ -6,6 +6,11 @@ h x 64) and the matching columns of the output projection; the first embed x mlp
 units of fc1/fc2; LayerNorm over the sampled width; the first ``depth`` blocks. The embed dim
 is shared by all blocks; heads and MLP ratio are chosen per block. ``set_arch`` picks the
 subnet the next forward passes run.
+
+Options that reproduce the released AutoFormer supernets (see ``nas.official``): relative
+position (``rel_pos`` = max relative distance, tables per block for k and v), ``qkv_layout=
+"interleaved"`` (the authors' "change_qkv" rows q0, k0, v0, q1, ... with the bias sliced as a
+plain prefix), LayerNorm eps 1e-5 and average pooling of the patch tokens.
 """
 
 from __future__ import annotations
@@ -16,47 +21,74 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from .arch import ArchConfig, SearchSpace, SpaceError
+from .relpos import grid_positions, relative_attention
 
 LN_EPS = 1e-6  # as timm's ViTs
 
 
+QKV_LAYOUTS = ("blocked", "interleaved")
+
+
 class SuperAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, head_dim: int):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, rel_pos: int = 0, qkv_layout: str = "blocked"):
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, head_dim
+        self.num_heads, self.head_dim, self.rel_pos, self.qkv_layout = num_heads, head_dim, rel_pos, qkv_layout
         self.qkv = nn.Linear(dim, 3 * num_heads * head_dim)
         self.proj = nn.Linear(num_heads * head_dim, dim)
+        if rel_pos:
+            rows = 2 * rel_pos + 2
+            self.rel_k_v, self.rel_k_h, self.rel_v_v, self.rel_v_h = (
+                nn.Parameter(torch.zeros(rows, head_dim)) for _ in range(4))
 
     def qkv_slice(self, embed: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of the first ``heads`` heads of q, k and v; columns of the first ``embed`` dims."""
-        hd, h_max = self.head_dim, self.num_heads
-        w = self.qkv.weight.view(3, h_max, hd, -1)[:, :heads, :, :embed].reshape(3 * heads * hd, embed)
-        b = self.qkv.bias.view(3, h_max, hd)[:, :heads].reshape(3 * heads * hd)
+        """The sampled qkv weight and bias, rows ordered q (head-major), k, v as timm's Attention reads them.
+
+        blocked: the first ``heads`` heads of each of q, k and v. interleaved (AutoFormer's change_qkv):
+        of the first 3 x heads x 64 rows, every third row from 0, 1 and 2 gives q, k and v, while the
+        bias is the plain first 3 x heads x 64 entries.
+        """
+        hd, h_max, a = self.head_dim, self.num_heads, heads * self.head_dim
+        if self.qkv_layout == "interleaved":
+            rows = self.qkv.weight[: 3 * a, :embed]
+            w = torch.cat([rows[0::3], rows[1::3], rows[2::3]])
+            return w, self.qkv.bias[: 3 * a]
+        w = self.qkv.weight.view(3, h_max, hd, -1)[:, :heads, :, :embed].reshape(3 * a, embed)
+        b = self.qkv.bias.view(3, h_max, hd)[:, :heads].reshape(3 * a)
         return w, b
+
+    def rel_tables(self):
+        return ((self.rel_k_v, self.rel_k_h), (self.rel_v_v, self.rel_v_h))
 
     def forward(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         B, N, e = x.shape
         w, b = self.qkv_slice(e, heads)
         q, k, v = F.linear(x, w, b).reshape(B, N, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, heads * self.head_dim)
+        if self.rel_pos:
+            x = relative_attention(q, k, v, self.rel_tables(), grid_positions(N, 1, x.device), 1, self.rel_pos,
+                                   self.head_dim ** -0.5)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
+        x = x.transpose(1, 2).reshape(B, N, heads * self.head_dim)
         return F.linear(x, self.proj.weight[:e, : heads * self.head_dim], self.proj.bias[:e])
 
 
 class SuperBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, head_dim: int, drop_path: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, head_dim: int, drop_path: float,
+                 rel_pos: int = 0, qkv_layout: str = "blocked", ln_eps: float = LN_EPS):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = SuperAttention(dim, num_heads, head_dim)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.ln_eps = ln_eps
+        self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
+        self.attn = SuperAttention(dim, num_heads, head_dim, rel_pos, qkv_layout)
+        self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
         self.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
         self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, heads: int, hidden: int) -> torch.Tensor:
         e = x.shape[-1]
-        y = F.layer_norm(x, (e,), self.norm1.weight[:e], self.norm1.bias[:e], LN_EPS)
+        y = F.layer_norm(x, (e,), self.norm1.weight[:e], self.norm1.bias[:e], self.ln_eps)
         x = x + self.drop_path(self.attn(y, heads))
-        y = F.layer_norm(x, (e,), self.norm2.weight[:e], self.norm2.bias[:e], LN_EPS)
+        y = F.layer_norm(x, (e,), self.norm2.weight[:e], self.norm2.bias[:e], self.ln_eps)
         y = F.gelu(F.linear(y, self.fc1.weight[:hidden, :e], self.fc1.bias[:hidden]))
         y = F.linear(y, self.fc2.weight[:e, :hidden], self.fc2.bias[:e])
         return x + self.drop_path(y)
@@ -64,11 +96,14 @@ class SuperBlock(nn.Module):
 
 class Supernet(nn.Module):
     def __init__(self, space: SearchSpace, num_classes: int, drop_path_rate: float = 0.1,
-                 global_pool: str = "token"):
+                 global_pool: str = "token", rel_pos: int = 0, qkv_layout: str = "blocked", ln_eps: float = LN_EPS):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise SpaceError(f"global_pool must be token or avg, got {global_pool}")
+        if qkv_layout not in QKV_LAYOUTS:
+            raise SpaceError(f"qkv_layout must be one of {', '.join(QKV_LAYOUTS)}, got {qkv_layout}")
         self.space, self.num_classes, self.global_pool = space, num_classes, global_pool
+        self.rel_pos, self.qkv_layout, self.ln_eps = rel_pos, qkv_layout, ln_eps
         E, p = space.super_embed_dim, space.patch_size
         n = (space.img_size // p) ** 2
         self.patch_embed = nn.Conv2d(3, E, p, p)
@@ -76,10 +111,11 @@ class Supernet(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, E))
         dpr = torch.linspace(0, drop_path_rate, space.super_depth).tolist()
         self.blocks = nn.ModuleList(
-            SuperBlock(E, space.super_num_heads, space.super_mlp_ratio, space.head_dim, dpr[i])
+            SuperBlock(E, space.super_num_heads, space.super_mlp_ratio, space.head_dim, dpr[i], rel_pos, qkv_layout,
+                       ln_eps)
             for i in range(space.super_depth)
         )
-        self.norm = nn.LayerNorm(E, eps=LN_EPS)
+        self.norm = nn.LayerNorm(E, eps=ln_eps)
         self.head = nn.Linear(E, num_classes)
         self._init_weights()
         self.arch = space.largest()
@@ -87,6 +123,9 @@ class Supernet(nn.Module):
     def _init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
+        for name, p in self.named_parameters():
+            if ".rel_" in name:
+                trunc_normal_(p, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 trunc_normal_(m.weight, std=0.02)
@@ -109,9 +148,20 @@ class Supernet(nn.Module):
         x = torch.cat([self.cls_token[..., :e].expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed[..., :e]
         for i in range(a.depth):
             x = self.blocks[i](x, a.num_heads[i], a.mlp_hidden(i))
-        x = F.layer_norm(x, (e,), self.norm.weight[:e], self.norm.bias[:e], LN_EPS)
+        x = F.layer_norm(x, (e,), self.norm.weight[:e], self.norm.bias[:e], self.ln_eps)
         x = x[:, 0] if self.global_pool == "token" else x[:, 1:].mean(dim=1)
         return F.linear(x, self.head.weight[:, :e], self.head.bias)
+
+    def subnet_kwargs(self, arch: ArchConfig) -> dict:
+        """``create_model("vitfab_subnet", **...)`` arguments of ``arch`` cut from this supernet."""
+        from .subnet import subnet_kwargs
+
+        kw = subnet_kwargs(arch, self.space.head_dim) | {"global_pool": self.global_pool}
+        if self.rel_pos:
+            kw["rel_pos"] = self.rel_pos
+        if self.ln_eps != LN_EPS:
+            kw["ln_eps"] = self.ln_eps
+        return kw
 
     def subnet_state_dict(self, arch: ArchConfig) -> dict[str, torch.Tensor]:
         """The weights of ``arch`` under the names of the standalone timm model (vitfab_subnet)."""
@@ -135,6 +185,8 @@ class Supernet(nn.Module):
                 pre + "mlp.fc1.weight": blk.fc1.weight[:hid, :e], pre + "mlp.fc1.bias": blk.fc1.bias[:hid],
                 pre + "mlp.fc2.weight": blk.fc2.weight[:e, :hid], pre + "mlp.fc2.bias": blk.fc2.bias[:e],
             }
+            if self.rel_pos:  # head width is fixed, so the tables are taken whole
+                sd |= {pre + f"attn.{n}": getattr(blk.attn, n) for n in ("rel_k_v", "rel_k_h", "rel_v_v", "rel_v_h")}
         sd["norm.weight"], sd["norm.bias"] = self.norm.weight[:e], self.norm.bias[:e]
         sd["head.weight"], sd["head.bias"] = self.head.weight[:, :e], self.head.bias
         return {k: v.detach().clone().contiguous() for k, v in sd.items()}

@@ -11,17 +11,14 @@ from timm.models.vision_transformer import VisionTransformer
 from ..models.arch import ArchConfig
 from ..models.checkpoint import save_checkpoint
 from ..models.factory import create_model
-from ..models.subnet import subnet_kwargs
 from ..models.supernet import Supernet
 
 
 def extract_subnet(supernet: Supernet, arch: ArchConfig) -> VisionTransformer:
     """The subnet ``arch`` with the supernet's weights, in eval mode, with ``vitfab_meta``."""
     space = supernet.space
-    model = create_model(
-        "vitfab_subnet", classes=list(supernet.vitfab_meta.classes), img_size=space.img_size,
-        patch_size=space.patch_size, global_pool=supernet.global_pool, **subnet_kwargs(arch, space.head_dim),
-    )
+    model = create_model("vitfab_subnet", classes=list(supernet.vitfab_meta.classes), img_size=space.img_size,
+                         patch_size=space.patch_size, **supernet.subnet_kwargs(arch))
     model.load_state_dict(supernet.subnet_state_dict(arch))
     model.vitfab_meta.preprocess = copy.deepcopy(supernet.vitfab_meta.preprocess)
     return model.eval()

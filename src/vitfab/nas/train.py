@@ -91,7 +91,8 @@ def load_supernet(path: str | Path, device: str | torch.device = "cpu") -> Super
         raise VitfabError(f"{path} holds a {meta.name}, not a supernet (train one with `vitfab nas train`)")
     k = meta.kwargs
     net = Supernet(SearchSpace.from_dict(k["space"]), int(k["num_classes"]), drop_path_rate=0.0,
-                   global_pool=k.get("global_pool", "token"))
+                   global_pool=k.get("global_pool", "token"), rel_pos=int(k.get("rel_pos", 0)),
+                   qkv_layout=k.get("qkv_layout", "blocked"), ln_eps=float(k.get("ln_eps", 1e-6)))
     net.load_state_dict(read_state_dict(weights))
     net.vitfab_meta = meta
     return net.to(device).eval()

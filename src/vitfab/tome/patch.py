@@ -19,6 +19,7 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import VitfabError
+from ..models.relpos import RelPosAttention, grid_positions
 from .merge import bipartite_soft_matching, clip_r, merge_source, merge_wavg
 from .schedule import Schedule, ScheduleSpec, resolve_target
 
@@ -38,10 +39,11 @@ class ToMeState:
     protected: int = 1
     size: torch.Tensor | None = None  # (B, N, 1) patches per token
     source: torch.Tensor | None = None  # (B, N, N_in) which input tokens each token holds
+    positions: torch.Tensor | None = None  # (B, N, 2) mean patch coordinates (relative-position models)
     tokens: list[int] = field(default_factory=list)  # tokens leaving each block (last pass)
 
     def reset(self) -> None:
-        self.size, self.source, self.tokens = None, None, []
+        self.size, self.source, self.positions, self.tokens = None, None, None, []
 
 
 # --------------------------------------------------------------------------- patched modules
@@ -87,7 +89,10 @@ class ToMeBlock(Block):
         state: ToMeState = self._tome
         size = state.size if state.prop_attn else None
         r = clip_r(state.r[self._tome_index], x.shape[1], state.protected)
-        y, metric = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, size=size, metric=r > 0)
+        relative = isinstance(self.attn, RelPosAttention)
+        extra = {"positions": state.positions} if relative else {}
+        res = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, size=size, metric=r > 0, **extra)
+        y, metric = res if (r > 0 or not relative) else (res, None)
         x = x + self.drop_path1(self.ls1(y))
         del y  # free before the MLP, as timm's one-expression forward does
         if r > 0:
@@ -96,6 +101,11 @@ class ToMeBlock(Block):
             matching = bipartite_soft_matching(metric, r, state.protected)
             if state.trace_source:
                 state.source = merge_source(matching, state.source, x)
+            if relative:  # a merged token sits at the size-weighted mean of its patches' coordinates
+                pos = state.positions
+                if pos is None:
+                    pos = grid_positions(x.shape[1], state.protected, x.device).expand(x.shape[0], -1, -1)
+                state.positions, _ = merge_wavg(matching, pos, state.size)
             x, state.size = merge_wavg(matching, x, state.size)
         state.tokens.append(x.shape[1])
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -152,7 +162,7 @@ def _check(model: torch.nn.Module) -> None:
         if type(blk) not in (Block, ToMeBlock):
             raise ToMeError(f"ToMe does not know block type {type(blk).__module__}.{type(blk).__name__} "
                             f"(block {i}); it patches timm's pre-norm Block only")
-        if type(blk.attn) not in (Attention, ToMeAttention):
+        if type(blk.attn) not in (Attention, ToMeAttention, RelPosAttention):
             raise ToMeError(f"ToMe does not know attention type {type(blk.attn).__module__}."
                             f"{type(blk.attn).__name__} (block {i}); it patches timm's Attention only")
 
@@ -204,7 +214,9 @@ def apply(model: VisionTransformer, r: ScheduleSpec = 0, prop_attn: bool = True,
         return model
     state = ToMeState(schedule, per_layer, prop_attn, trace_source, protected=model.num_prefix_tokens)
     for i, blk in enumerate(model.blocks):
-        blk.__class__, blk.attn.__class__ = ToMeBlock, ToMeAttention
+        blk.__class__ = ToMeBlock
+        if type(blk.attn) is Attention:  # RelPosAttention takes size/metric/positions itself
+            blk.attn.__class__ = ToMeAttention
         blk._tome, blk._tome_index = state, i
     model.__class__ = _patched_class(type(model))
     model._tome = state
@@ -225,7 +237,9 @@ def remove(model: VisionTransformer) -> VisionTransformer:
     if not is_patched(model):
         return model
     for blk in model.blocks:
-        blk.__class__, blk.attn.__class__ = Block, Attention
+        blk.__class__ = Block
+        if type(blk.attn) is ToMeAttention:
+            blk.attn.__class__ = Attention
         del blk._tome, blk._tome_index
     model.__class__ = type(model)._tome_base
     del model._tome
