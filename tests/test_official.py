@@ -198,3 +198,16 @@ def test_extract_cli_with_published_name(official, tmp_path, capsys):
                              str(root / "space.yaml"), "--subnet", str(tmp_path / "a.yaml"), "--out", str(tmp_path / "o"))
     assert code == 0, err
     assert load_model(tmp_path / "o").vitfab_meta.kwargs["rel_pos"] == M
+
+
+def test_train_from_an_extracted_checkpoint_at_another_size(official, tmp_path, capsys, synth_small):
+    root, _ = official
+    net = load_official_autoformer(root / "supernet.pth", root / "space.yaml")
+    folder = extract_to(net, ARCHS[1], tmp_path / "sub")
+    code, _, err = run_cli(capsys, "train", "--data", str(synth_small), "--init-checkpoint", str(folder),
+                           "--img-size", "16", "--epochs", "1", "--batch-size", "16", "--amp", "off",
+                           "--out", str(tmp_path / "run"), "--no-progress")
+    assert code == 0, err
+    model = load_model(tmp_path / "run")
+    assert model.vitfab_meta.kwargs["rel_pos"] == M and model.vitfab_meta.kwargs["ln_eps"] == 1e-5
+    assert model.pos_embed.shape[1] == (16 // 2) ** 2 + 1 and model.head.out_features == 7

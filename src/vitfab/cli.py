@@ -108,6 +108,9 @@ def train(
                                                     "keep=F or macs=F (recorded in the checkpoints)."),
     arch: Optional[Path] = typer.Option(None, help="Train an AutoFormer subnet (a RETRAIN YAML) as a standalone "
                                                    "model (vitfab_subnet); e.g. the best.yaml of `vitfab nas search`."),
+    init_checkpoint: Optional[Path] = typer.Option(None, help="Fine-tune a vitfab checkpoint (e.g. an extracted "
+                                                              "subnet): its architecture and weights; head replaced "
+                                                              "for other classes, position embedding resized."),
     augment: bool = typer.Option(True, help="Random crops/flips/rotations in training (off: deterministic)."),
     epochs: int = typer.Option(30),
     batch_size: int = typer.Option(64),
@@ -142,12 +145,21 @@ def train(
     from .train import train as train_run
 
     init_distributed(device)
+    extra_args: dict[str, Any] = {}  # architecture arguments taken from a file, not typed by hand
+    if init_checkpoint is not None:
+        from .models.checkpoint import resolve_weights, read_meta
+
+        weights_file = resolve_weights(init_checkpoint)
+        meta = read_meta(weights_file)
+        model, weights = meta.name, weights_file
+        extra_args = {k: v for k, v in meta.kwargs.items() if k not in ("num_classes", "img_size", "patch_size")}
+        patch_size = patch_size or meta.kwargs.get("patch_size")
     if arch is not None:
         from .models.arch import load_arch
         from .models.subnet import subnet_kwargs
 
         model = "vitfab_subnet"
-        model_arg = list(model_arg) + [f"{k}={json.dumps(v)}" for k, v in subnet_kwargs(load_arch(arch)).items()]
+        extra_args = subnet_kwargs(load_arch(arch))
     if resume is not None:
         result = resume_run(resume, progress)
     else:
@@ -155,7 +167,7 @@ def train(
             raise VitfabError("--data DIR is required (or --resume RUN_DIR)")
         cfg = TrainConfig(
             data=str(data), model=model, img_size=img_size, patch_size=patch_size,
-            model_args=_parse_model_args(model_arg), pretrained=pretrained,
+            model_args=extra_args | _parse_model_args(model_arg), pretrained=pretrained,
             weights=str(weights) if weights else None, tome=tome_r, augment=augment, epochs=epochs, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
             label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, drop_path=drop_path,

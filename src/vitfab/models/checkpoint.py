@@ -48,7 +48,7 @@ def save_checkpoint(
     return Path(folder)
 
 
-def _resolve(path: Path) -> Path:
+def resolve_weights(path: Path) -> Path:
     """A run folder, checkpoint folder or file -> the ``model.safetensors`` to read."""
     if path.is_file():
         return path
@@ -63,12 +63,12 @@ def _resolve(path: Path) -> Path:
         raise CheckpointError(f"{path} holds no {WEIGHTS_FILE}: not a vitfab checkpoint or run folder")
     found = existing_dir(path)  # a checkpoint folder caught mid-swap
     if found is not None:
-        return _resolve(found)
+        return resolve_weights(found)
     raise CheckpointError(f"checkpoint not found: {path}")
 
 
 def read_meta(path: str | Path) -> ModelMeta:
-    weights = _resolve(Path(path))
+    weights = resolve_weights(Path(path))
     if weights.suffix != ".safetensors":
         raise CheckpointError(
             f"{weights} is not a vitfab checkpoint (.safetensors with metadata); "
@@ -93,7 +93,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> VisionTr
     """Rebuild a model saved by vitfab; eval mode, ``model.vitfab_meta`` set."""
     from .factory import create_model
 
-    weights = _resolve(Path(path))
+    weights = resolve_weights(Path(path))
     meta = read_meta(weights)
     kwargs = dict(meta.kwargs)
     kwargs.pop("num_classes", None)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import VitfabError
 from ..models.arch import ArchConfig, SearchSpace
-from ..models.checkpoint import _resolve, read_meta
+from ..models.checkpoint import resolve_weights, read_meta
 from ..models.meta import ModelMeta
 from ..models.supernet import Supernet
 from ..models.weights import read_state_dict
@@ -85,7 +85,7 @@ def build_supernet(config: SupernetConfig, classes: list[str], with_weights: boo
 
 def load_supernet(path: str | Path, device: str | torch.device = "cpu") -> Supernet:
     """A supernet run folder or checkpoint -> the trained ``Supernet`` (eval mode)."""
-    weights = _resolve(Path(path))
+    weights = resolve_weights(Path(path))
     meta = read_meta(weights)
     if meta.name != SUPERNET_NAME:
         raise VitfabError(f"{path} holds a {meta.name}, not a supernet (train one with `vitfab nas train`)")
