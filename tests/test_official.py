@@ -211,3 +211,24 @@ def test_train_from_an_extracted_checkpoint_at_another_size(official, tmp_path, 
     model = load_model(tmp_path / "run")
     assert model.vitfab_meta.kwargs["rel_pos"] == M and model.vitfab_meta.kwargs["ln_eps"] == 1e-5
     assert model.pos_embed.shape[1] == (16 // 2) ** 2 + 1 and model.head.out_features == 7
+
+
+def test_each_quirk_matters(official):
+    """The parity above is not an accident: dropping a quirk changes the logits. (LayerNorm's eps
+    1e-5 vs 1e-6 is reproduced too but moves these logits by less than 1e-4.)"""
+    from vitfab.models.supernet import Supernet
+    from vitfab.nas.official import official_space, official_to_vitfab
+
+    root, sd = official
+    arch = ARCHS[1]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    ref = reference_logits(sd, arch, x)
+    variants = {"blocked qkv rows": dict(qkv_layout="blocked", ln_eps=1e-5, global_pool="avg", rel_pos=M),
+                "no relative position": dict(qkv_layout="interleaved", ln_eps=1e-5, global_pool="avg", rel_pos=0),
+                "class-token pooling": dict(qkv_layout="interleaved", ln_eps=1e-5, global_pool="token", rel_pos=M)}
+    for name, kw in variants.items():
+        net = Supernet(official_space(root / "space.yaml"), 10, drop_path_rate=0.0, **kw).eval()
+        net.load_state_dict(official_to_vitfab(sd), strict=kw["rel_pos"] > 0)
+        net.set_arch(arch)
+        with torch.no_grad():
+            assert (net(x) - ref).abs().max() > 1e-4, name
