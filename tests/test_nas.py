@@ -143,6 +143,32 @@ def test_init_from_a_trained_baseline_reproduces_it(tmp_path):
         assert torch.allclose(net(x), base.eval()(x), atol=1e-5)
 
 
+# --------------------------------------------------------------------------- the data order
+def test_share_sampler():
+    from torch.utils.data import DataLoader
+
+    from vitfab.train.loop import ShareSampler
+
+    def order(loader):
+        return [int(i) for batch in loader for i in batch]
+
+    ds = list(range(23))
+    old = order(DataLoader(ds, batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(3)))
+    g = torch.Generator().manual_seed(3)
+    one = ShareSampler(23, 5, 0, 1, g, drop_last=False)
+    assert order(DataLoader(ds, batch_size=5, sampler=one, generator=g)) == old and len(one) == 23
+    shares = []
+    for rank in (0, 1):  # two processes, global batch 10 of 5 + 5: 2 full batches, the tail dropped
+        g = torch.Generator().manual_seed(3)
+        s = ShareSampler(23, 10, rank, 2, g)
+        shares.append(order(DataLoader(ds, batch_size=5, sampler=s, generator=g)))
+        assert len(s) == 10 == len(shares[-1])
+    g = torch.Generator().manual_seed(3)
+    global_order = order(DataLoader(ds, batch_size=10, sampler=ShareSampler(23, 10, 0, 1, g, drop_last=True),
+                                    generator=g))
+    assert shares[0][:5] + shares[1][:5] + shares[0][5:] + shares[1][5:] == global_order
+
+
 # --------------------------------------------------------------------------- genetic operators
 def test_mutation_and_crossover_stay_in_space():
     sp = SearchSpace.named("tiny")
@@ -255,7 +281,6 @@ def test_search_respects_every_limit(trained_supernet, tmp_path):
         assert search.space.in_space(c.arch)
     best = yaml.safe_load((tmp_path / "s" / "best.yaml").read_text())
     assert ArchConfig.from_dict(best["RETRAIN"]) == result.best.arch
-    assert result.best.accuracy == max(c.accuracy for c in result.ranked)
     # a latency limit below anything measurable: nothing qualifies, one clear error
     from vitfab.errors import VitfabError
 

@@ -232,3 +232,21 @@ def test_each_quirk_matters(official):
         net.set_arch(arch)
         with torch.no_grad():
             assert (net(x) - ref).abs().max() > 1e-4, name
+
+
+def test_init_checkpoint_from_a_training_run(tmp_path, capsys, synth_small):
+    """A checkpoint made by `vitfab train` (its kwargs carry drop_path_rate) fine-tunes too."""
+    args = ["--data", str(synth_small), "--img-size", "32", "--patch-size", "8", "--model-arg", "depth=1",
+            "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2", "--epochs", "1", "--batch-size", "16",
+            "--amp", "off", "--no-progress"]
+    code, _, err = run_cli(capsys, "train", *args, "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--data", str(synth_small), "--init-checkpoint", str(tmp_path / "a"),
+                           "--epochs", "1", "--batch-size", "16", "--amp", "off", "--out", str(tmp_path / "b"),
+                           "--no-progress")
+    assert code == 0, err
+    model = load_model(tmp_path / "b")
+    assert model.embed_dim == 32 and model.patch_embed.img_size[0] == 32  # size inherited too
+    code, _, err = run_cli(capsys, "train", "--data", str(synth_small), "--init-checkpoint", str(tmp_path / "a"),
+                           "--arch", str(tmp_path / "x.yaml"), "--no-progress")
+    assert code == 2 and "brings its own architecture" in err

@@ -139,7 +139,7 @@ def train(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """Fine-tune a timm ViT (DeiT recipe) into a run folder; --resume continues one."""
-    from .runtime import init_distributed
+    from .runtime import init_distributed, world
     from .train import TrainConfig
     from .train import resume as resume_run
     from .train import train as train_run
@@ -147,13 +147,18 @@ def train(
     init_distributed(device)
     extra_args: dict[str, Any] = {}  # architecture arguments taken from a file, not typed by hand
     if init_checkpoint is not None:
-        from .models.checkpoint import resolve_weights, read_meta
+        from .models.checkpoint import read_meta, resolve_weights
 
+        if arch is not None or weights is not None or pretrained:
+            raise VitfabError("--init-checkpoint brings its own architecture and weights: drop --arch/--weights/"
+                              "--pretrained")
         weights_file = resolve_weights(init_checkpoint)
         meta = read_meta(weights_file)
         model, weights = meta.name, weights_file
-        extra_args = {k: v for k, v in meta.kwargs.items() if k not in ("num_classes", "img_size", "patch_size")}
+        own = ("num_classes", "img_size", "patch_size", "drop_path_rate")  # set by this run, not inherited
+        extra_args = {k: v for k, v in meta.kwargs.items() if k not in own}
         patch_size = patch_size or meta.kwargs.get("patch_size")
+        img_size = img_size or meta.preprocess.img_size
     if arch is not None:
         from .models.arch import load_arch
         from .models.subnet import subnet_kwargs
@@ -176,6 +181,8 @@ def train(
             good_class=good_class, device=device, workers=workers,
         )
         result = train_run(cfg, out, progress)
+    if world()[0] != 0:  # under torchrun one process reports
+        return
     summary = {"run": str(result.run.root), "best_epoch": result.best_epoch, "best_val": result.best_val,
                "test": result.test, "seconds": round(result.seconds, 1)}
     if as_json:
@@ -419,7 +426,7 @@ def nas_train(
 ):
     """Train an AutoFormer supernet (one process, or `torchrun --nproc_per_node N -m vitfab nas train`)."""
     from .nas import SupernetConfig, resume_supernet, train_supernet
-    from .runtime import init_distributed
+    from .runtime import init_distributed, world
 
     init_distributed(device)
     if resume is not None:
@@ -435,6 +442,8 @@ def nas_train(
             device=device, workers=workers,
         )
         result = train_supernet(cfg, out, progress)
+    if world()[0] != 0:  # under torchrun one process reports
+        return
     summary = {"run": str(result.run.root), "best_epoch": result.best_epoch, "best_val_largest": result.best_val,
                "seconds": round(result.seconds, 1),
                "img_per_s": [round(r.get("img_per_s", 0.0), 1) for r in result.history]}

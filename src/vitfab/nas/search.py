@@ -228,7 +228,7 @@ class EvolutionarySearch:
         return sorted(self.evaluated.values(), key=lambda c: (-c.accuracy, c.gmacs, c.arch.short()))
 
     def next_population(self) -> list[ArchConfig]:
-        cfg, pop, seen = self.cfg, [], set()
+        cfg, pop, seen = self.cfg, [], set(self.evaluated)  # a visited architecture is not drawn again
         parents = [c.arch for c in self.ranked()[: cfg.parents]]
         if parents:
             for _ in range(cfg.mutations):

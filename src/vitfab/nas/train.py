@@ -55,8 +55,6 @@ class SupernetConfig(TrainConfig):
         super().validate()
         if self.num_random < 0:
             raise VitfabError(f"--num-random must be >= 0, got {self.num_random}")
-        if self.init_from and not Path(self.init_from).exists():
-            raise VitfabError(f"--init-from not found: {self.init_from}")
 
     def search_space(self) -> SearchSpace:
         return SearchSpace.load(self.space, self.img_size, self.patch_size)
@@ -103,15 +101,20 @@ def init_from_model(net: Supernet, path: str | Path) -> int:
     the shapes allow (same patch grid, head width 64); returns how many tensors were copied."""
     from ..models import load_model
 
-    src = load_model(path).state_dict()
-    own = net.state_dict()
+    model = load_model(path)
     hd, copied = net.space.head_dim, 0
+    heads = {blk.attn.head_dim for blk in model.blocks}
+    if heads != {hd} or model.patch_embed.patch_size[0] != net.space.patch_size:
+        raise VitfabError(f"--init-from needs head width {hd} and patch {net.space.patch_size}; {path} has head "
+                          f"width {sorted(heads)} and patch {model.patch_embed.patch_size[0]}")
+    src, own = model.state_dict(), net.state_dict()
 
     def put(name: str, value: torch.Tensor) -> None:
         nonlocal copied
         target = own[name]
         if value.dim() != target.dim() or any(v > t for v, t in zip(value.shape, target.shape)):
-            return
+            raise VitfabError(f"--init-from: {name} {tuple(value.shape)} does not fit the supernet's "
+                              f"{tuple(target.shape)}")
         target[tuple(slice(0, n) for n in value.shape)] = value
         copied += 1
 
@@ -184,6 +187,8 @@ def check_supernet_config(config: SupernetConfig) -> SearchSpace:
 
     config.validate()
     resolve_amp(config.amp, resolve_device(config.device))
+    if config.init_from and not Path(config.init_from).exists():  # a new run only: resume has the weights
+        raise VitfabError(f"--init-from not found: {config.init_from}")
     return config.search_space()
 
 

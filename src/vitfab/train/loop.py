@@ -61,23 +61,25 @@ class ShareSampler(torch.utils.data.Sampler):
 
     def __init__(self, n: int, global_batch: int, rank: int, world: int, generator: torch.Generator,
                  drop_last: bool = True):
+        self.n, self.generator = n, generator
         self.local_batch = max(1, global_batch // world)
         self.global_batch = self.local_batch * world
-        self.perm = torch.randperm(n, generator=generator).tolist()
         self.rank, self.world, self.drop_last = rank, world, drop_last or world > 1
 
-    def _starts(self) -> range:
-        n = len(self.perm)
-        return range(0, n - self.global_batch + 1 if self.drop_last else n, self.global_batch)
-
     def __iter__(self):
-        for start in self._starts():
+        # drawn when iteration starts, after the DataLoader took its base seed from the same
+        # generator: one process sees exactly what DataLoader(shuffle=True, generator=g) gives
+        perm = torch.randperm(self.n, generator=self.generator).tolist()
+        stop = self.n - self.global_batch + 1 if self.drop_last else self.n
+        for start in range(0, max(stop, 0), self.global_batch):
             share = start + self.rank * self.local_batch
-            yield from self.perm[share:share + self.local_batch]
+            yield from perm[share:share + self.local_batch]
 
     def __len__(self) -> int:
-        return sum(len(self.perm[s + self.rank * self.local_batch:s + (self.rank + 1) * self.local_batch])
-                   for s in self._starts())
+        full, tail = divmod(self.n, self.global_batch)
+        if self.drop_last:
+            return full * self.local_batch
+        return full * self.local_batch + tail  # one process (world 1) keeps the tail
 
 
 def seed_everything(seed: int) -> None:
@@ -152,6 +154,9 @@ class Trainer:
         if self.world > 1 and config.batch_size % self.world:
             raise VitfabError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
                               f"{self.world} processes")
+        if self.world > 1 and (config.mixup or config.cutmix) and (config.batch_size // self.world) % 2:
+            raise VitfabError(f"mixup/cutmix pair images within each process: --batch-size {config.batch_size} "
+                              f"over {self.world} processes leaves an odd share")
 
     # --- setup -------------------------------------------------------------------------
     def _train_loader(self, epoch: int) -> DataLoader:
@@ -164,8 +169,8 @@ class Trainer:
             batch = max(2, batch - batch % 2)
         drop_last = (mixing or len(ds) >= 4 * batch or self.world > 1) and len(ds) >= batch
         sampler = ShareSampler(len(ds), batch, self.rank, self.world, g, drop_last)
-        return DataLoader(ds, batch_size=sampler.local_batch, sampler=sampler, num_workers=self.workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+        return DataLoader(ds, batch_size=sampler.local_batch, sampler=sampler, generator=g,
+                          num_workers=self.workers, pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     def _steps_per_epoch(self) -> int:
         return math.ceil(len(self._train_loader(0)) / self.config.accum_steps)
@@ -213,10 +218,11 @@ class Trainer:
     # --- one epoch ----------------------------------------------------------------------
     def train_one_epoch(self, epoch: int, progress) -> dict[str, float]:
         c, model, opt = self.config, self.model, self.optimizer
-        seed_everything(epoch_seed(c.seed, epoch))
+        # augmentation and drop-path differ per rank; the data order and subnet draws do not
+        seed_everything(epoch_seed(c.seed, epoch) + 7919 * self.rank)
         loader = self._train_loader(epoch)
         model.train()
-        total = len(loader) * loader.batch_size if loader.drop_last else len(loader.dataset)
+        total = len(loader.sampler)
         tid = progress.add_task(f"epoch {epoch + 1}/{c.epochs}", total=total, info="")
         n_seen, loss_sum, correct, t0 = 0, 0.0, 0, time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -397,7 +403,7 @@ def start_run(out: str | Path | None, prefix: str, config: dict[str, Any], split
     if world()[0] == 0:
         run = RunDir.create(out, prefix=prefix)
         split.save(run.split_path)
-        run.write_config(config)
+        run.write_config(config | {"world_size": world()[1]})
         console.print(f"run folder: {run.root}")
         console.print(report_split(split))
         console.print(summary)
@@ -417,6 +423,9 @@ def resume_run(run_dir: str | Path, kind: str, config_cls, build, trainer_cls, p
     cfg = run.read_config()
     if cfg.get("kind") != kind:
         raise VitfabError(f"{run.root} is not a {kind} run (it is '{cfg.get('kind')}')")
+    if cfg.get("world_size", 1) != world()[1]:
+        raise VitfabError(f"{run.root} was trained by {cfg.get('world_size', 1)} process(es); resume it with as "
+                          f"many (now {world()[1]}), or the batches and the LR schedule would not line up")
     config = config_cls.from_dict(cfg["train"])
     split = Split.load(run.split_path)
     trainer = trainer_cls(run, config, split, progress)
