@@ -211,10 +211,6 @@ class SearchSpace:
         return ArchConfig(rng.choice(self.embed_dim), d, tuple(rng.choice(self.num_heads) for _ in range(d)),
                           tuple(rng.choice(self.mlp_ratio) for _ in range(d)))
 
-    def supernet_arch(self) -> ArchConfig:
-        d = self.super_depth
-        return ArchConfig(self.super_embed_dim, d, (self.super_num_heads,) * d, (self.super_mlp_ratio,) * d)
-
 
 def arch_params(arch: ArchConfig, num_classes: int, img_size: int, patch_size: int, head_dim: int = 64,
                 in_chans: int = 3) -> int:
