@@ -21,6 +21,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..runtime import autocast
 from .modes import Precision, PrecisionError, check_supported
 
 CAST_METHODS = ("cast", "autocast")
@@ -48,8 +49,8 @@ def _input_to(dtype: torch.dtype):
     return hook
 
 
-def _autocast_forward(forward, device_type: str, dtype: torch.dtype, *args, **kwargs):
-    with torch.autocast(device_type=device_type, dtype=dtype):
+def _autocast_forward(forward, device: torch.device, amp: str, *args, **kwargs):
+    with autocast(device, amp):  # the same autocast as training and evaluation use
         return forward(*args, **kwargs)
 
 
@@ -85,7 +86,7 @@ def prepare_model(
         dtype = precision.dtype
         m = m.to(device)
         if method == "autocast":
-            m.forward = functools.partial(_autocast_forward, m.forward, device.type, dtype)
+            m.forward = functools.partial(_autocast_forward, m.forward, device, precision.value)
         else:
             m = m.to(dtype)
             for sub in m.modules():
