@@ -135,7 +135,8 @@ class _Prepared:
     weights_mb: float = 0.0
 
 
-def _prepare(cfg: BenchConfig, device: torch.device, data, split: str, tolerance: float, progress: bool) -> _Prepared:
+def _prepare(cfg: BenchConfig, device: torch.device, data, split: str, tolerance: float, progress: bool,
+             samples_cache: dict) -> _Prepared:
     from ..evaluate.runner import make_eval_loader
 
     cfg.validate()
@@ -144,7 +145,10 @@ def _prepare(cfg: BenchConfig, device: torch.device, data, split: str, tolerance
     h, w = input_size(base)
     params, macs = count_params(base), count_macs(base)
     precision = parse_precision(cfg.precision)
-    source = labelled_samples(base, cfg.checkpoint, data, progress, split)
+    key = (cfg.checkpoint, str(data), split, tuple(base.vitfab_meta.classes))  # one scan per model and data
+    if key not in samples_cache:
+        samples_cache[key] = labelled_samples(base, cfg.checkpoint, data, progress, split)
+    source = samples_cache[key]
     loader = None
     if source is not None:
         root, samples, desc = source
@@ -199,7 +203,8 @@ def benchmark(
         if threads < 1:
             raise VitfabError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    prepared = [_prepare(c, device, data, split, tolerance, progress) for c in configs]
+    cache: dict = {}
+    prepared = [_prepare(c, device, data, split, tolerance, progress, cache) for c in configs]
     fns = [(lambda p=p: p.model(p.x)) for p in prepared]
     fns1 = [(lambda p=p: p.model(p.x1)) for p in prepared]
     n = len(prepared)

@@ -142,6 +142,8 @@ def init_from_model(net: Supernet, path: str | Path) -> int:
 
 
 class SupernetTrainer(Trainer):
+    unused_parameters = True  # a shallow subnet leaves the deeper blocks out of the step
+
     def __init__(self, run: RunDir, config: SupernetConfig, split, progress: bool = True):
         super().__init__(run, config, split, progress)
         self.space = config.search_space()

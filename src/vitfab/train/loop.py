@@ -143,6 +143,8 @@ def build_model(config: TrainConfig, classes: list[str], with_weights: bool = Tr
 
 
 class Trainer:
+    unused_parameters = False  # DDP: True where a step may leave parameters out (a supernet's deeper blocks)
+
     def __init__(self, run: RunDir, config: TrainConfig, split: Split, progress: bool = True):
         config.validate()
         self.run, self.config, self.split, self.progress = run, config, split, progress
@@ -183,7 +185,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids,
+                                                       find_unused_parameters=self.unused_parameters)
         self.pre = model.vitfab_meta.preprocess
         from timm.optim import create_optimizer_v2
 
