@@ -44,6 +44,20 @@ def _parse_model_args(items: List[str]) -> dict[str, Any]:
     return args
 
 
+def _new_or_resumed(data, resume, new_run, resume_run):
+    """A training command's run: resumed with --resume, else new (needs --data). None on the
+    torchrun processes other than rank 0, which report nothing."""
+    from .runtime import world
+
+    if resume is not None:
+        result = resume_run()
+    elif data is None:
+        raise VitfabError("--data DIR is required (or --resume RUN_DIR)")
+    else:
+        result = new_run()
+    return result if world()[0] == 0 else None
+
+
 def _print_metrics(m: dict[str, Any]) -> None:
     from .evaluate import format_metrics
 
@@ -139,7 +153,7 @@ def train(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """Fine-tune a timm ViT (DeiT recipe) into a run folder; --resume continues one."""
-    from .runtime import init_distributed, world
+    from .runtime import init_distributed
     from .train import TrainConfig
     from .train import resume as resume_run
     from .train import train as train_run
@@ -165,23 +179,21 @@ def train(
 
         model = "vitfab_subnet"
         extra_args = subnet_kwargs(load_arch(arch))
-    if resume is not None:
-        result = resume_run(resume, progress)
-    else:
-        if data is None:
-            raise VitfabError("--data DIR is required (or --resume RUN_DIR)")
+    def new_run():
         cfg = TrainConfig(
             data=str(data), model=model, img_size=img_size, patch_size=patch_size,
             model_args=extra_args | _parse_model_args(model_arg), pretrained=pretrained,
-            weights=str(weights) if weights else None, tome=tome_r, augment=augment, epochs=epochs, batch_size=batch_size, lr=lr,
-            weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
+            weights=str(weights) if weights else None, tome=tome_r, augment=augment, epochs=epochs,
+            batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
             label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, drop_path=drop_path,
             clip_grad=clip_grad, amp=amp, accum_steps=accum_steps, seed=seed, val_fraction=val_fraction,
             test_fraction=test_fraction, max_per_class=max_per_class, skip_bad_images=skip_bad_images,
             good_class=good_class, device=device, workers=workers,
         )
-        result = train_run(cfg, out, progress)
-    if world()[0] != 0:  # under torchrun one process reports
+        return train_run(cfg, out, progress)
+
+    result = _new_or_resumed(data, resume, new_run, lambda: resume_run(resume, progress))
+    if result is None:
         return
     summary = {"run": str(result.run.root), "best_epoch": result.best_epoch, "best_val": result.best_val,
                "test": result.test, "seconds": round(result.seconds, 1)}
@@ -426,14 +438,10 @@ def nas_train(
 ):
     """Train an AutoFormer supernet (one process, or `torchrun --nproc_per_node N -m vitfab nas train`)."""
     from .nas import SupernetConfig, resume_supernet, train_supernet
-    from .runtime import init_distributed, world
+    from .runtime import init_distributed
 
     init_distributed(device)
-    if resume is not None:
-        result = resume_supernet(resume, progress)
-    else:
-        if data is None:
-            raise VitfabError("--data DIR is required (or --resume RUN_DIR)")
+    def new_run():
         cfg = SupernetConfig(
             data=str(data), space=space, img_size=img_size, patch_size=patch_size, sandwich=sandwich,
             num_random=num_random, init_from=str(init_from) if init_from else None, global_pool=global_pool,
@@ -441,8 +449,10 @@ def nas_train(
             label_smoothing=label_smoothing, augment=augment, amp=amp, seed=seed, max_per_class=max_per_class,
             device=device, workers=workers,
         )
-        result = train_supernet(cfg, out, progress)
-    if world()[0] != 0:  # under torchrun one process reports
+        return train_supernet(cfg, out, progress)
+
+    result = _new_or_resumed(data, resume, new_run, lambda: resume_supernet(resume, progress))
+    if result is None:
         return
     summary = {"run": str(result.run.root), "best_epoch": result.best_epoch, "best_val_largest": result.best_val,
                "seconds": round(result.seconds, 1),
