@@ -119,14 +119,3 @@ def test_predict_bad_image(capsys, trained_run, synth_small, tmp_path):
     _cli(capsys, "predict", "--checkpoint", str(trained_run), "--input", str(good), "--input", str(bad),
          "--out", str(tmp_path / "p.csv"), "--skip-bad-images", "--no-progress")
     assert len(list(csv.DictReader(open(tmp_path / "p.csv")))) == 1
-
-
-def test_main_job_small(tmp_path):
-    from vitfab.pipeline import MainJobConfig, run_main_job
-
-    cfg = MainJobConfig(n_per_class=10, synth_img_size=32, img_size=32, patch_size=8, epochs=1, batch_size=16)
-    summary = run_main_job(cfg, out=tmp_path / "job", progress=False)
-    assert summary["test"]["top1"] is not None and "escape_rate" in summary["test"]
-    assert (tmp_path / "job" / "data" / "metadata.json").is_file()
-    assert (tmp_path / "job" / "baseline" / "checkpoints" / "best" / "model.safetensors").is_file()
-    assert json.loads((tmp_path / "job" / "config.json").read_text())["status"] == "done"

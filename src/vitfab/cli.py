@@ -74,38 +74,76 @@ def _print_metrics(m: dict[str, Any]) -> None:
 @app.command()
 def run(
     data: Optional[Path] = typer.Option(None, help="ImageFolder dataset; default: synthesise the X-ray set."),
+    min_accuracy: Optional[float] = typer.Option(None, help="Required validation top-1 (0-1, or percent)."),
+    max_drop: float = typer.Option(1.0, help="Else: at most this many points below the DeiT-B/16 baseline."),
+    objective: str = typer.Option("throughput", help="What 'fastest' means: throughput, latency or energy."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda: where models train and are measured."),
+    scale: str = typer.Option("small", help="small (64 px, minutes on a CPU) or full (224 px, the paper's setting)."),
+    budget_minutes: Optional[float] = typer.Option(None, help="Wall-clock budget; epochs and search size are "
+                                                              "scaled to fit [default: 10 at small, none at full; "
+                                                              "0 = none]."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/run-<time>)."),
-    epochs: Optional[int] = typer.Option(None, help="Baseline training epochs [default: 16]."),
-    n_per_class: Optional[int] = typer.Option(None, help="Synthetic images per class [default: 200]."),
-    difficulty: Optional[float] = typer.Option(None, help="Synthetic defect subtlety, 0..1 [default: 0.5]."),
-    model: Optional[str] = typer.Option(None, help="timm ViT of the small baseline [default: deit_tiny_patch16_224]."),
-    img_size: Optional[int] = typer.Option(None, help="Input size of the small baseline [default: 64]."),
-    patch_size: Optional[int] = typer.Option(None, help="Patch size of the small baseline [default: 8]."),
-    seed: Optional[int] = typer.Option(None, help="Seed of data, split and training [default: 0]."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [default: auto]."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    resume: Optional[Path] = typer.Option(None, help="Continue this interrupted run folder."),
+    baseline_weights: Optional[Path] = typer.Option(None, help="Local DeiT-B/16 weights (instead of the hub)."),
+    space: str = typer.Option("tiny", help="AutoFormer search space: tiny, small, base or a YAML file."),
+    min_reduction: float = typer.Option(10.0, help="Search limit: params and GMACs at most the baseline's / this."),
+    tome_grid: str = typer.Option("none,macs=0.75,macs=0.5,macs=0.35", help="ToMe schedules to try (comma list)."),
+    precisions: Optional[str] = typer.Option(None, help="Precision modes to try (default: those worth it here)."),
+    distill: str = typer.Option("none", help="Also fine-tune the best subnet distilled from the baseline: soft, "
+                                              "hard or none; kept only if it helps on validation."),
+    top_k: Optional[int] = typer.Option(None, help="Subnets extracted and fine-tuned [default: 2 small, 3 full]."),
+    img_size: Optional[int] = typer.Option(None, help="Input size [default: 64 small, 224 full]."),
+    patch_size: Optional[int] = typer.Option(None, help="Patch size [default: 8 small, 16 full]."),
+    baseline_epochs: Optional[int] = typer.Option(None, help="Nominal baseline epochs (before the budget)."),
+    supernet_epochs: Optional[int] = typer.Option(None, help="Nominal supernet epochs (before the budget)."),
+    finetune_epochs: Optional[int] = typer.Option(None, help="Nominal subnet fine-tune epochs (before the budget)."),
+    final_epochs: Optional[int] = typer.Option(None, help="Nominal final fine-tune epochs (before the budget)."),
+    batch_size: Optional[int] = typer.Option(None, help="Training batch size [default: 16 small, 64 full]."),
+    n_per_class: int = typer.Option(200, help="Synthetic images per class (no --data)."),
+    difficulty: float = typer.Option(0.5, help="Synthetic defect subtlety, 0..1 (no --data)."),
+    seed: int = typer.Option(0),
+    good_class: Optional[str] = typer.Option(None, help="Class meaning 'no defect' (default: good/normal/ok)."),
+    max_per_class: Optional[int] = typer.Option(None, help="Use at most N images per class (seeded)."),
+    skip_bad_images: bool = typer.Option(False, help="Skip unreadable images with a warning."),
+    as_json: bool = typer.Option(False, "--json", help="Print summary.json to stdout."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
-    """The main job: data (synthetic by default) -> small DeiT baseline -> test metrics."""
-    from .pipeline import MainJobConfig, run_main_job
+    """The main job: data -> DeiT-B/16 baseline -> supernet + search -> subnet x ToMe x precision
+    -> the fastest configuration that meets the requirement, the ablation, the report."""
+    from .optimize import JobConfig, resume_job, run_job
 
-    given = dict(data=str(data) if data else None, n_per_class=n_per_class, difficulty=difficulty, model=model,
-                 img_size=img_size, patch_size=patch_size, epochs=epochs, seed=seed, device=device)
-    cfg = MainJobConfig(**{k: v for k, v in given.items() if v is not None})
-    summary = run_main_job(cfg, out, progress)
+    if resume is not None:
+        summary = resume_job(resume, progress)
+    else:
+        cfg = JobConfig(
+            data=str(data) if data else None, min_accuracy=min_accuracy, max_drop=max_drop, objective=objective,
+            device=device, scale=scale, budget_minutes=budget_minutes,
+            baseline_weights=str(baseline_weights) if baseline_weights else None, space=space,
+            min_reduction=min_reduction, tome_grid=tome_grid, precisions=precisions, distill=distill, top_k=top_k,
+            img_size=img_size, patch_size=patch_size, baseline_epochs=baseline_epochs,
+            supernet_epochs=supernet_epochs, finetune_epochs=finetune_epochs, final_epochs=final_epochs,
+            batch_size=batch_size, n_per_class=n_per_class, difficulty=difficulty, seed=seed, good_class=good_class,
+            max_per_class=max_per_class, skip_bad_images=skip_bad_images,
+        )
+        summary = run_job(cfg, out, progress)
     if as_json:
         _print_json(summary)
         return
-    t = summary["test"] or {}
-    out_console.print(f"\nrun folder: {summary['run']}", highlight=False)
-    if t:
-        from .evaluate import format_metrics
-        from .files import read_json
+    from .report.render import ablation_table
 
-        full = read_json(Path(summary["baseline_run"]) / "eval" / "test.json")
-        out_console.print(f"test split, best epoch {summary['best_epoch'] + 1}:", highlight=False)
-        out_console.print(format_metrics(full), highlight=False)
-    out_console.print(f"wall time: {summary['total_seconds']:.0f} s", highlight=False)
+    ch = summary["chosen"]
+    out_console.print(f"\nrun folder: {summary['run']}", highlight=False)
+    out_console.print(f"requirement: {summary['requirement']} -> {'met' if summary['requirement_met'] else 'NOT met'}",
+                      highlight=False)
+    out_console.print(f"chosen: {ch['arch']} | ToMe {ch['tome'] or 'none'} | {ch['precision']}  "
+                      f"(test top-1 {100 * ch['test']['top1']:.2f} %)", highlight=False)
+    out_console.print("\n".join(ablation_table(summary["ablation"])), highlight=False)
+    at = summary.get("at_224")
+    if at:
+        out_console.print(f"at 224 px: {at['speedup']:.1f}x DeiT-B/16 fp32 throughput, {at['params_reduction']:.1f}x "
+                          f"fewer params, {at['macs_reduction']:.1f}x fewer GMACs", highlight=False)
+    out_console.print(f"report: {Path(summary['run']) / 'report' / 'report.html'}", highlight=False)
+    out_console.print(f"wall time: {summary['wall_seconds_this_call']:.0f} s", highlight=False)
 
 
 # --------------------------------------------------------------------------- training
@@ -126,6 +164,10 @@ def train(
                                                               "subnet): its architecture and weights; head replaced "
                                                               "for other classes, position embedding resized."),
     augment: bool = typer.Option(True, help="Random crops/flips/rotations in training (off: deterministic)."),
+    teacher: Optional[Path] = typer.Option(None, help="Distil from this trained vitfab checkpoint (same classes)."),
+    distill: str = typer.Option("soft", help="With --teacher: soft (KL to the teacher) or hard (its argmax as label)."),
+    distill_alpha: float = typer.Option(0.5, help="With --teacher --distill soft: weight of the KL term."),
+    distill_tau: float = typer.Option(1.0, help="With --teacher --distill soft: temperature."),
     epochs: int = typer.Option(30),
     batch_size: int = typer.Option(64),
     lr: Optional[float] = typer.Option(None, help="Peak LR (default 5e-4 from scratch, 1e-4 from weights)."),
@@ -161,18 +203,15 @@ def train(
     init_distributed(device)
     extra_args: dict[str, Any] = {}  # architecture arguments taken from a file, not typed by hand
     if init_checkpoint is not None:
-        from .models.checkpoint import read_meta, resolve_weights
+        from .train.config import checkpoint_model_args
 
         if arch is not None or weights is not None or pretrained:
             raise VitfabError("--init-checkpoint brings its own architecture and weights: drop --arch/--weights/"
                               "--pretrained")
-        weights_file = resolve_weights(init_checkpoint)
-        meta = read_meta(weights_file)
-        model, weights = meta.name, weights_file
-        own = ("num_classes", "img_size", "patch_size", "drop_path_rate")  # set by this run, not inherited
-        extra_args = {k: v for k, v in meta.kwargs.items() if k not in own}
-        patch_size = patch_size or meta.kwargs.get("patch_size")
-        img_size = img_size or meta.preprocess.img_size
+        inherited = checkpoint_model_args(init_checkpoint)
+        model, weights, extra_args = inherited["model"], inherited["weights"], inherited["model_args"]
+        patch_size = patch_size or inherited["patch_size"]
+        img_size = img_size or inherited["img_size"]
     if arch is not None:
         from .models.arch import load_arch
         from .models.subnet import subnet_kwargs
@@ -183,7 +222,9 @@ def train(
         cfg = TrainConfig(
             data=str(data), model=model, img_size=img_size, patch_size=patch_size,
             model_args=extra_args | _parse_model_args(model_arg), pretrained=pretrained,
-            weights=str(weights) if weights else None, tome=tome_r, augment=augment, epochs=epochs,
+            weights=str(weights) if weights else None, tome=tome_r, augment=augment,
+            teacher=str(teacher) if teacher else None, distill=distill, distill_alpha=distill_alpha,
+            distill_tau=distill_tau, epochs=epochs,
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
             label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, drop_path=drop_path,
             clip_grad=clip_grad, amp=amp, accum_steps=accum_steps, seed=seed, val_fraction=val_fraction,
@@ -266,6 +307,8 @@ def predict(
     batch_size: int = typer.Option(64),
     skip_bad_images: bool = typer.Option(False),
     device: str = typer.Option("auto"),
+    precision: str = typer.Option("recorded", help="recorded (the mode saved with the checkpoint, e.g. by vitfab "
+                                                    "run; else fp32), fp32, fp16, bf16 or int8."),
     progress: bool = typer.Option(True),
 ):
     """Classify images with a trained checkpoint; write a CSV."""
@@ -276,8 +319,12 @@ def predict(
     if topk < 1:
         raise VitfabError(f"--topk must be at least 1, got {topk}")
     dev = resolve_device(device)
+    if precision != "recorded":
+        from .precision import parse_precision
+
+        precision = parse_precision(precision, allow_auto=False).value
     paths = expand_inputs(input)
-    net = load_model(checkpoint, dev)
+    net = load_model(checkpoint, dev, precision)
     rows, skipped = predict_images(net, paths, dev, batch_size, topk, skip_bad_images, progress=progress)
     write_predictions_csv(rows, out)
     out_console.print(f"{len(rows)} predictions -> {out}" + (f" ({len(skipped)} skipped)" if skipped else ""),

@@ -16,6 +16,24 @@ from ..runtime import autocast, default_workers
 from .metrics import classification_metrics
 
 
+class CachedBatches:
+    """A loader read once into memory, for running many models over the same images."""
+
+    def __init__(self, loader: DataLoader):
+        self.batches = [(x, y) for x, y in loader]
+        self.dataset = range(sum(len(y) for _, y in self.batches))  # sized, like a loader's dataset
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.batches[0][0].shape[-2:])
+
+
 @torch.inference_mode()
 def collect_logits(
     model: torch.nn.Module,

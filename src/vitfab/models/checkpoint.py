@@ -89,8 +89,13 @@ def read_meta(path: str | Path) -> ModelMeta:
     return ModelMeta.from_dict(meta)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> VisionTransformer:
-    """Rebuild a model saved by vitfab; eval mode, ``model.vitfab_meta`` set."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", precision: str | None = None) -> VisionTransformer:
+    """Rebuild a model saved by vitfab; eval mode, ``model.vitfab_meta`` set, ToMe re-applied.
+
+    ``precision``: None keeps fp32 weights; a mode (fp16, bf16, int8) prepares the model to run
+    in it; ``"recorded"`` uses the mode saved with the checkpoint (``vitfab run``'s choice), or
+    fp32 where none was saved or the recorded mode cannot run on ``device`` (with a note).
+    """
     from .factory import create_model
 
     weights = resolve_weights(Path(path))
@@ -104,4 +109,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> VisionTr
         from ..tome import apply
 
         apply(model, tome.get("spec", list(tome["r_per_layer"])), prop_attn=tome.get("prop_attn", True))
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if precision is None:
+        return model
+    from ..precision import prepare_model, unsupported_reason
+
+    mode = meta.extra.get("precision", "fp32") if precision == "recorded" else precision
+    reason = unsupported_reason(mode, torch.device(device))
+    if reason and precision == "recorded":
+        from ..progress import console
+
+        console.print(f"note: {path} was chosen to run in {mode}, which cannot run here ({reason}); using fp32")
+        return model
+    return model if mode == "fp32" else prepare_model(model, mode, device)

@@ -194,11 +194,13 @@ def check_supernet_config(config: SupernetConfig) -> SearchSpace:
     return config.search_space()
 
 
-def train_supernet(config: SupernetConfig, out: str | Path | None = None, progress: bool = True) -> TrainResult:
+def train_supernet(config: SupernetConfig, out: str | Path | None = None, progress: bool = True,
+                   split=None) -> TrainResult:
+    """A new supernet run; ``split``: an existing one to use (the joint optimiser's), else made from the data."""
     from ..runtime import world
 
     space = check_supernet_config(config)
-    split = prepare_split(config, progress and world()[0] == 0)
+    split = split or prepare_split(config, progress and world()[0] == 0)
     net = build_supernet(config, split.classes)
     n = sum(p.numel() for p in net.parameters())
     run = start_run(out, "supernet", {"kind": "nas-train", "status": "running", "train": config.to_dict(),

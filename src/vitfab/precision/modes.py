@@ -79,3 +79,17 @@ def check_supported(precision: Precision, device: torch.device) -> None:
 def candidate_precisions(device: torch.device) -> list[Precision]:
     """Every mode that runs on ``device``, fp32 first (the reference)."""
     return [p for p in Precision if unsupported_reason(p, device) is None]
+
+
+def useful_precisions(device: torch.device) -> list[Precision]:
+    """The modes worth measuring in a search on ``device``: every runnable one, except fp16 on a
+    CPU without native bf16/fp16 arithmetic (emulated; measured at 0.19x fp32 on an AVX512-BF16
+    EPYC, see the README) -- ``--precisions`` asks for it explicitly."""
+    from ..runtime import cpu_has_native_bf16
+
+    modes = candidate_precisions(device)
+    if device.type == "cpu":
+        modes = [p for p in modes if p is not Precision.FP16]
+        if not cpu_has_native_bf16():
+            modes = [p for p in modes if p is not Precision.BF16]
+    return modes

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from ..errors import VitfabError
 from ..runtime import AMP_MODES
+
+
+DISTILL_MODES = ("soft", "hard")
 
 
 @dataclass
@@ -19,6 +23,11 @@ class TrainConfig:
     pretrained: bool = False
     weights: str | None = None
     tome: str | None = None  # ToMe schedule to train with (R, R:INFLECTION, list, keep=F, macs=F)
+    # knowledge distillation from a trained vitfab checkpoint (same classes): DeiT's soft or hard form
+    teacher: str | None = None
+    distill: str = "soft"  # soft: (1-a) CE + a T^2 KL(student/T || teacher/T); hard: CE(labels)/2 + CE(teacher argmax)/2
+    distill_alpha: float = 0.5
+    distill_tau: float = 1.0
     # the DeiT fine-tuning recipe
     epochs: int = 30
     batch_size: int = 64
@@ -66,6 +75,9 @@ class TrainConfig:
                 "mixup/cutmix need an even --batch-size",
             ),
             (self.max_per_class is None or self.max_per_class >= 1, "--max-per-class must be at least 1"),
+            (self.distill in DISTILL_MODES, f"--distill must be one of {', '.join(DISTILL_MODES)}, got {self.distill}"),
+            (0 <= self.distill_alpha <= 1, f"--distill-alpha must lie in [0, 1], got {self.distill_alpha}"),
+            (self.distill_tau > 0, f"--distill-tau must be positive, got {self.distill_tau}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -82,3 +94,17 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def checkpoint_model_args(path: str | Path) -> dict[str, Any]:
+    """The ``TrainConfig`` fields that fine-tune a vitfab checkpoint (e.g. an extracted subnet):
+    its architecture name and arguments, its weights file, its patch and input size. The class
+    count, input size and drop-path rate stay the new run's to set."""
+    from ..models.checkpoint import read_meta, resolve_weights
+
+    weights_file = resolve_weights(Path(path))
+    meta = read_meta(weights_file)
+    own = ("num_classes", "img_size", "patch_size", "drop_path_rate")
+    return {"model": meta.name, "weights": str(weights_file),
+            "model_args": {k: v for k, v in meta.kwargs.items() if k not in own},
+            "patch_size": meta.kwargs.get("patch_size"), "img_size": meta.preprocess.img_size}

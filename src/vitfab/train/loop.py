@@ -208,6 +208,17 @@ class Trainer:
                 num_classes=len(self.split.classes),
             )
         self.start_epoch, self.best, self.best_epoch = 0, (-1.0, -1.0), -1
+        self.teacher = self.load_teacher() if c.teacher else None
+
+    def load_teacher(self):
+        """The distillation teacher: a trained vitfab checkpoint over the same classes, frozen."""
+        teacher = load_model(self.config.teacher, self.device)
+        if list(teacher.vitfab_meta.classes) != list(self.split.classes):
+            raise VitfabError(f"the teacher {self.config.teacher} knows classes {teacher.vitfab_meta.classes}, "
+                              f"this run {self.split.classes}")
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
 
     def restore(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -282,8 +293,24 @@ class Trainer:
             out = self.train_model(x)
         out = out.float()
         loss = self.loss_of(out, target)
+        if self.teacher is not None:
+            loss = self.distill_loss(x, out, loss)
         self.backward(loss, epoch)
         return loss, out
+
+    def distill_loss(self, x: torch.Tensor, out: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """DeiT's distillation through the class token: soft (KL to the teacher's tempered
+        distribution, weight alpha) or hard (the teacher's argmax as a second label, half weight)."""
+        c = self.config
+        with torch.no_grad(), autocast(self.device, self.amp):
+            t = self.teacher(x)
+        t = t.float()
+        if c.distill == "hard":
+            return 0.5 * loss + 0.5 * F.cross_entropy(out, t.argmax(dim=-1))
+        tau = c.distill_tau
+        kl = F.kl_div(F.log_softmax(out / tau, dim=-1), F.log_softmax(t / tau, dim=-1), reduction="batchmean",
+                      log_target=True)
+        return (1 - c.distill_alpha) * loss + c.distill_alpha * tau * tau * kl
 
     def validate(self, progress=None) -> dict[str, Any]:
         loader = make_eval_loader(self.split.root, self.split.val, self.pre, self.config.batch_size, self.workers)
@@ -381,6 +408,8 @@ def check_config(config: TrainConfig) -> None:
     check_model_name(config.model)
     if config.weights and not Path(config.weights).is_file():
         raise VitfabError(f"weights file not found: {config.weights}")
+    if config.teacher and not Path(config.teacher).exists():
+        raise VitfabError(f"teacher checkpoint not found: {config.teacher}")
 
 
 def train(

@@ -1,0 +1,129 @@
+"""The ablation the method argues from: the DeiT-B/16 baseline, each axis alone, each pair and
+all three, measured in one interleaved run on the test split.
+
+Axis settings: the chosen configuration's where it uses the axis, otherwise the axis's default
+(so every row exists even where the choice leaves an axis out). Architecture rows use the chosen
+subnet; rows with ToMe on the subnet use the weights fine-tuned with merging (the final stage),
+rows without it the weights before that stage, unless the chosen configuration itself has no ToMe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..evaluate.metrics import classification_metrics
+from ..evaluate.runner import CachedBatches, collect_logits
+from ..measure.bench import BenchConfig, apply_token_merging, benchmark, load_fp32_model
+from ..measure.measurement import Measurement
+from ..precision import Precision, prepare_model
+from ..progress import task
+
+AXES = ("nas", "tome", "bits")
+AXIS_NAMES = {"nas": "NAS", "tome": "ToMe", "bits": "bits"}
+
+
+@dataclass
+class AblationRow:
+    name: str
+    axes: tuple[str, ...]
+    checkpoint: str
+    tome: str | None
+    precision: str
+    chosen: bool = False
+
+    def bench_config(self, batch_size: int | None) -> BenchConfig:
+        return BenchConfig(checkpoint=self.checkpoint, precision=self.precision, tome_r=self.tome,
+                           batch_size=batch_size, label=self.name)
+
+
+def default_bits(device: torch.device, modes: Sequence[Precision]) -> Precision:
+    """The bit-width used where the choice kept fp32: fp16 on a GPU, else bf16, else int8."""
+    for p in (Precision.FP16 if device.type == "cuda" else Precision.BF16, Precision.BF16, Precision.INT8):
+        if p in modes:
+            return p
+    return Precision.FP32
+
+
+def ablation_rows(
+    baseline: str,
+    subnet: str,
+    subnet_tome: str,
+    chosen_tome: str | None,
+    chosen_precision: str,
+    bit_modes: Sequence[Precision],
+    device: torch.device,
+    default_tome: str,
+    baseline_name: str = "DeiT-B/16 baseline",
+) -> list[AblationRow]:
+    """``subnet``: the chosen subnet's weights before the final ToMe fine-tune, ``subnet_tome``:
+    after it (the same folder where the choice has no ToMe)."""
+    tome_s = chosen_tome or default_tome
+    bits = chosen_precision if chosen_precision != Precision.FP32.value else default_bits(device, bit_modes).value
+    fp32 = Precision.FP32.value
+    rows = [AblationRow(baseline_name, (), baseline, None, fp32),
+            AblationRow("NAS", ("nas",), subnet, None, fp32),
+            AblationRow(f"ToMe {tome_s}", ("tome",), baseline, tome_s, fp32)]
+    rows += [AblationRow(p.value, ("bits",), baseline, None, p.value) for p in bit_modes if p != Precision.FP32]
+    rows += [AblationRow("NAS + ToMe", ("nas", "tome"), subnet_tome, tome_s, fp32),
+             AblationRow(f"NAS + {bits}", ("nas", "bits"), subnet, None, bits),
+             AblationRow(f"ToMe + {bits}", ("tome", "bits"), baseline, tome_s, bits),
+             AblationRow(f"NAS + ToMe + {bits}", AXES, subnet_tome, tome_s, bits)]
+    chosen_axes = ("nas",) + (("tome",) if chosen_tome else ()) + (("bits",) if chosen_precision != fp32 else ())
+    for row in rows:
+        row.chosen = row.axes == chosen_axes
+    return rows
+
+
+def row_metrics(row: AblationRow, batches: CachedBatches, device: torch.device, good_class: str | None,
+                progress: bool = False) -> dict[str, Any]:
+    """Test-split metrics of one row, run as measured (ToMe applied, precision prepared)."""
+    base = load_fp32_model(row.bench_config(None))
+    model = prepare_model(apply_token_merging(base, row.tome), row.precision, device)
+    logits, targets = collect_logits(model, batches, device, progress=progress, description=row.name)
+    return classification_metrics(logits, targets, base.vitfab_meta.classes, good_class)
+
+
+def measure_ablation(
+    rows: Sequence[AblationRow],
+    test: CachedBatches,
+    device: torch.device,
+    good_class: str | None = None,
+    batch_size: int | None = None,
+    repeats: int = 5,
+    min_repeat_seconds: float = 1.0,
+    latency_runs: int = 50,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Every row: test metrics, then speed, latency, memory and energy of all rows interleaved."""
+    metrics = []
+    with task("ablation: test split", total=len(rows), enabled=progress) as advance:
+        for row in rows:
+            metrics.append(row_metrics(row, test, device, good_class))
+            advance(1)
+    ms = benchmark([r.bench_config(batch_size) for r in rows], device, repeats=repeats,
+                   min_repeat_seconds=min_repeat_seconds, latency_runs=latency_runs, progress=progress)
+    return [ablation_record(r, m, mt, ms[0]) for r, m, mt in zip(rows, ms, metrics)]
+
+
+def ablation_record(row: AblationRow, m: Measurement, metrics: dict[str, Any], base: Measurement) -> dict[str, Any]:
+    """One row as reported: the summary's fields first, then the rest of the measurement."""
+    no_good = "no good/normal class in this data set (--good-class names one)"
+    rec = {
+        "name": row.name, "axes": list(row.axes), "chosen": row.chosen, "checkpoint": row.checkpoint,
+        "tome": row.tome, "precision": row.precision,
+        "accuracy": metrics["top1"], "macro_f1": metrics["macro_f1"],
+        "escape_rate": metrics.get("escape_rate"), "overkill_rate": metrics.get("overkill_rate"),
+        "params": m.params, "gmacs": round(m.gmacs, 4), "img_per_s": round(m.img_per_s, 2),
+        "speedup": round(m.img_per_s / base.img_per_s, 3) if base.img_per_s else None,
+        "latency_ms_p50": round(m.latency_ms["p50"], 3), "latency_ms_p99": round(m.latency_ms["p99"], 3),
+        "joules_per_img": m.joules_per_img, "energy_note": m.energy.reason,
+        "peak_memory_mb": m.peak_memory_mb, "batch_size": m.batch_size, "img_size": m.img_size,
+        "r_per_layer": (m.tome or {}).get("r_per_layer"), "img_per_s_runs": m.img_per_s_runs,
+        "confusion_matrix": metrics["confusion_matrix"], "classes": metrics["classes"],
+    }
+    if "escape_rate" not in metrics:
+        rec["escape_note"] = no_good
+    return rec

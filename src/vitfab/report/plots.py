@@ -1,0 +1,124 @@
+"""The report's figures (matplotlib, Agg): Pareto front, speedup per axis, ToMe merges."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..files import atomic_path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+AXIS_COLOURS = {0: "#444444", 1: "#1f77b4", 2: "#ff7f0e", 3: "#d62728"}
+
+
+def plot_pareto(candidates: Sequence[dict[str, Any]], front: Sequence[str], chosen: str | None,
+                rows: Sequence[dict[str, Any]], path: Path, threshold: float | None = None) -> Path:
+    """Left: the joint search on validation (every candidate, the front, the choice).
+    Right: the ablation rows on test, coloured by how many axes they use."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
+    ok = [c for c in candidates if c.get("accuracy") is not None and c.get("img_per_s")]
+    if ok:
+        a.scatter([c["img_per_s"] for c in ok], [100 * c["accuracy"] for c in ok], s=18, c="#9aa7b1",
+                  label="candidate")
+        fr = sorted((c for c in ok if c["key"] in front), key=lambda c: c["img_per_s"])
+        a.plot([c["img_per_s"] for c in fr], [100 * c["accuracy"] for c in fr], "-o", c="#1f77b4", ms=5,
+               label="Pareto front")
+        for c in ok:
+            if c["key"] == chosen:
+                a.scatter([c["img_per_s"]], [100 * c["accuracy"]], s=160, marker="*", c="#d62728", zorder=5,
+                          label="chosen")
+        if threshold is not None:
+            a.axhline(100 * threshold, ls="--", c="#2ca02c", lw=1, label="requirement")
+        a.set_xscale("log")
+    a.set_xlabel("img/s (log)")
+    a.set_ylabel("validation top-1 (%)")
+    a.set_title("joint search: subnet x ToMe x precision")
+    a.legend(fontsize=8)
+    for r in rows:
+        n = len(r["axes"])
+        b.scatter([r["img_per_s"]], [100 * r["accuracy"]], s=140 if r.get("chosen") else 50,
+                  marker="*" if r.get("chosen") else "o", c=AXIS_COLOURS[n], zorder=3)
+        b.annotate(r["name"], (r["img_per_s"], 100 * r["accuracy"]), fontsize=7, xytext=(4, 3),
+                   textcoords="offset points")
+    for n, label in ((0, "baseline"), (1, "one axis"), (2, "two axes"), (3, "all three")):
+        b.scatter([], [], c=AXIS_COLOURS[n], label=label)
+    if rows:
+        b.set_xscale("log")
+    b.set_xlabel("img/s (log)")
+    b.set_ylabel("test top-1 (%)")
+    b.set_title("ablation (test split)")
+    b.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_speedup(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Throughput speedup over the baseline for every ablation row (log scale)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    names = [r["name"] + ("  (chosen)" if r.get("chosen") else "") for r in rows]
+    vals = [r["speedup"] or 0.0 for r in rows]
+    y = np.arange(len(rows))[::-1]
+    ax.barh(y, vals, color=[AXIS_COLOURS[len(r["axes"])] for r in rows])
+    for yi, v in zip(y, vals):
+        ax.text(v, yi, f" {v:.2f}x", va="center", fontsize=8)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_xscale("log")
+    ax.axvline(1.0, c="k", lw=0.8)
+    ax.set_xlabel("throughput speedup over DeiT-B/16 fp32 (log)")
+    ax.set_title("speedup contribution per axis")
+    return _save(fig, path)
+
+
+def plot_tome_merges(model, split, schedule: str | None, path: Path, per_class: int = 2) -> Path:
+    """A few test images of each class beside the chosen model's merged patch groups."""
+    from PIL import Image
+
+    from ..data.images import load_image
+    from ..data.transforms import eval_transform
+    from ..tome.visualize import patch_groups, render_groups
+
+    plt = _plt()
+    meta = model.vitfab_meta
+    size = meta.preprocess.img_size
+    picks = []
+    for ci, cls in enumerate(split.classes):
+        picks += [(cls, p) for p, y in split.test if y == ci][:per_class]
+    cols = 2 * per_class
+    rows = len(split.classes)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    counters = {c: 0 for c in split.classes}
+    tf = eval_transform(meta.preprocess)
+    for cls, rel in picks:
+        pil = load_image(Path(split.root) / rel)
+        view = np.asarray(pil.convert("RGB").resize((size, size), Image.BICUBIC))
+        groups, _ = patch_groups(model, tf(pil)[None], schedule or 0)
+        i, j = split.classes.index(cls), 2 * counters[cls]
+        counters[cls] += 1
+        axes[i, j].imshow(view)
+        axes[i, j + 1].imshow(render_groups(view, groups))
+        axes[i, j].set_title(cls, fontsize=7)
+        axes[i, j + 1].set_title(f"{len(np.unique(groups))} groups", fontsize=7)
+    fig.suptitle(f"ToMe merges of the chosen model ({schedule or 'no ToMe'})", fontsize=9)
+    return _save(fig, path)

@@ -1,0 +1,327 @@
+"""The joint optimiser: the choice rule, the budget, the ablation rows, distillation, and the
+main job end to end (tiny models, small images) with its report, resume and error paths."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitfab.cli import main
+from vitfab.errors import VitfabError
+from vitfab.optimize import Budget, JobConfig, JointCandidate, Requirement, ablation_rows, choose, joint_front
+from vitfab.optimize.budget import STAGE_WEIGHTS, search_size
+from vitfab.precision import Precision
+
+
+def cand(name, acc, ips, gmacs=1.0, error=None, lat=None):
+    return JointCandidate(name, "ckpt", None, "fp32", gmacs=gmacs, accuracy=acc, img_per_s=ips, error=error,
+                          latency_ms=lat)
+
+
+# --------------------------------------------------------------------------- the choice
+def test_choose_fastest_that_meets_the_threshold():
+    cs = [cand("a", 0.90, 100), cand("b", 0.85, 400), cand("c", 0.80, 900), cand("d", 0.95, 50),
+          cand("e", 0.99, 5000, error="non-finite logits")]
+    chosen, met = choose(cs, 0.85, "throughput")
+    assert (chosen.model, met) == ("b", True)
+    chosen, met = choose(cs, 0.5, "throughput")
+    assert chosen.model == "c"  # the erroring candidate never wins, however fast
+    chosen, met = choose(cs, 0.97, "throughput")
+    assert (chosen.model, met) == ("d", False)  # nobody meets it: the most accurate, flagged
+
+
+def test_choose_latency_and_ties():
+    cs = [cand("a", 0.9, 100, lat=5.0), cand("b", 0.9, 200, lat=8.0), cand("c", 0.9, 100, gmacs=0.5, lat=5.0)]
+    assert choose(cs, 0.9, "latency")[0].model == "c"  # same latency and accuracy: fewer MACs
+    assert choose(cs, 0.9, "throughput")[0].model == "b"
+
+
+def test_joint_front_is_the_non_dominated_set():
+    rng = np.random.default_rng(0)
+    cs = [cand(str(i), float(a), float(s)) for i, (a, s) in enumerate(zip(rng.random(40), rng.random(40) * 100))]
+    front = {c.model for c in joint_front(cs, "throughput")}
+    for c in cs:
+        dominated = any(o.accuracy >= c.accuracy and o.img_per_s >= c.img_per_s
+                        and (o.accuracy > c.accuracy or o.img_per_s > c.img_per_s) for o in cs)
+        assert (c.model in front) == (not dominated)
+
+
+def test_requirement():
+    assert Requirement(max_drop=1.0).threshold(0.9) == pytest.approx(0.89)
+    assert Requirement(min_accuracy=0.8, max_drop=None).threshold(0.9) == 0.8
+    with pytest.raises(VitfabError):
+        Requirement(min_accuracy=1.5).validate()
+    with pytest.raises(VitfabError):
+        Requirement(max_drop=-1).validate()
+    assert JobConfig(min_accuracy=85).resolved().min_accuracy == pytest.approx(0.85)  # percent accepted
+
+
+def test_candidate_round_trip():
+    c = JointCandidate("subnet-1", "x", "macs=0.5", "int8", "E192", 10, 0.5, [2, 2], 0.9, 100.0, 1.0)
+    assert JointCandidate.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+# --------------------------------------------------------------------------- the budget
+def test_budget_shares_and_cuts():
+    b = Budget(1000.0)
+    total = sum(STAGE_WEIGHTS.values())
+    assert b.share("baseline") == pytest.approx(1000 * 3.0 / total)
+    b.finish("data", 400.0)  # a stage that overran leaves less to the rest
+    assert b.share("baseline") == pytest.approx(600 * 3.0 / (total - 0.05))
+    n = b.epochs("baseline", 16, epoch_seconds=50.0)
+    assert n == int(b.share("baseline") // 50) and n < 16 and any("baseline" in c for c in b.cuts)
+    assert b.epochs("baseline", 16, epoch_seconds=1e6) == 1  # never below one epoch
+    assert b.epochs("baseline", 3, epoch_seconds=0.01) == 3  # never above nominal
+    assert Budget(None).epochs("baseline", 16, 1e9) == 16 and Budget(None).share("baseline") is None
+    assert Budget.from_dict(b.to_dict()) == b
+
+
+def test_search_size_fits_the_share():
+    b = Budget(100.0)
+    assert search_size(None, 1.0, 16, 6, b) == (16, 6)
+    assert search_size(1000.0, 1.0, 16, 6, b) == (16, 6) and not b.cuts
+    pop, gens = search_size(50.0, 1.0, 16, 6, b)
+    assert pop * gens <= 51 and gens >= 3 and b.cuts
+    assert search_size(1.0, 1.0, 16, 6, Budget(1.0))[0] >= 4
+
+
+# --------------------------------------------------------------------------- ablation rows
+MODES = [Precision.FP32, Precision.BF16, Precision.INT8]
+
+
+@pytest.mark.parametrize("tome,prec,chosen", [
+    ("macs=0.5", "int8", "NAS + ToMe + int8"), (None, "int8", "NAS + int8"), ("4", "fp32", "NAS + ToMe"),
+    (None, "fp32", "NAS"),
+])
+def test_ablation_rows_cover_every_axis_combination(tome, prec, chosen):
+    rows = ablation_rows("B", "S", "S-tome", tome, prec, MODES, torch.device("cpu"), "macs=0.5")
+    axes = [r.axes for r in rows]
+    for combo in [(), ("nas",), ("tome",), ("bits",), ("nas", "tome"), ("nas", "bits"), ("tome", "bits"),
+                  ("nas", "tome", "bits")]:
+        assert combo in axes
+    assert [r.name for r in rows if r.chosen] == [chosen]
+    bits = {r.precision for r in rows if "bits" in r.axes}
+    assert {"bf16", "int8"} <= bits and "fp32" not in bits
+    for r in rows:
+        assert (r.checkpoint == "B") == ("nas" not in r.axes)
+        assert (r.tome is not None) == ("tome" in r.axes)
+        if "nas" in r.axes:  # ToMe rows on the subnet use the weights fine-tuned with merging
+            assert r.checkpoint == ("S-tome" if "tome" in r.axes else "S")
+    assert {r.tome for r in rows if r.tome} == {tome or "macs=0.5"}
+
+
+# --------------------------------------------------------------------------- distillation
+def test_distillation_losses(synth_small, tmp_path):
+    from vitfab.models import create_model, save_checkpoint
+    from vitfab.rundir import RunDir
+    from vitfab.train import TrainConfig
+    from vitfab.train.loop import Trainer, prepare_split
+
+    tiny_dataset = synth_small
+    split = prepare_split(TrainConfig(data=str(tiny_dataset)), progress=False)
+    classes = split.classes
+    teacher = create_model("deit_tiny_patch16_224", classes=classes, img_size=32, patch_size=8)
+    save_checkpoint(tmp_path / "teacher", teacher)
+    out = torch.randn(4, len(classes))
+    y = torch.tensor([0, 1, 0, 1])
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        t = teacher.eval()(x)
+    for mode, alpha, tau in (("soft", 0.3, 2.0), ("hard", 0.5, 1.0)):
+        cfg = TrainConfig(data=str(tiny_dataset), teacher=str(tmp_path / "teacher"), distill=mode,
+                          distill_alpha=alpha, distill_tau=tau, amp="off", device="cpu")
+        tr = Trainer(RunDir.create(tmp_path / f"run-{mode}"), cfg, split, progress=False)
+        tr.setup(create_model("deit_tiny_patch16_224", classes=classes, img_size=32, patch_size=8))
+        ce = F.cross_entropy(out, y)
+        got = tr.distill_loss(x, out, ce)
+        if mode == "soft":
+            p_t = F.softmax(t / tau, -1)
+            kl = (p_t * (p_t.log() - F.log_softmax(out / tau, -1))).sum(-1).mean()
+            want = (1 - alpha) * ce + alpha * tau ** 2 * kl
+        else:
+            want = 0.5 * ce + 0.5 * F.cross_entropy(out, t.argmax(-1))
+        assert float(got) == pytest.approx(float(want), rel=1e-5)
+    other = create_model("deit_tiny_patch16_224", classes=["a", "b", "c"], img_size=32, patch_size=8)
+    save_checkpoint(tmp_path / "other", other)
+    cfg = TrainConfig(data=str(tiny_dataset), teacher=str(tmp_path / "other"), amp="off", device="cpu")
+    tr = Trainer(RunDir.create(tmp_path / "run-bad"), cfg, split, progress=False)
+    with pytest.raises(VitfabError, match="teacher"):
+        tr.setup(create_model("deit_tiny_patch16_224", classes=classes, img_size=32, patch_size=8))
+
+
+# --------------------------------------------------------------------------- the main job
+def tiny_job(**kw) -> JobConfig:
+    base = dict(n_per_class=8, img_size=32, patch_size=8, baseline_model="deit_tiny_patch16_224", min_reduction=1.0,
+                baseline_epochs=1, supernet_epochs=1, finetune_epochs=1, final_epochs=1, batch_size=16,
+                budget_minutes=0, top_k=1, tome_grid="none,macs=0.5", measure_seconds=0.02, speed_at_224=False,
+                device="cpu")
+    return JobConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def job_run(tmp_path_factory):
+    from vitfab.optimize import run_job
+
+    out = tmp_path_factory.mktemp("job") / "run"
+    summary = run_job(tiny_job(distill="soft"), out=out, progress=False)
+    return out, summary
+
+
+SUMMARY_FIELDS = ("accuracy", "macro_f1", "escape_rate", "overkill_rate", "params", "gmacs", "img_per_s", "speedup",
+                  "latency_ms_p50", "joules_per_img")
+
+
+def test_main_job_writes_the_evidence(job_run):
+    out, summary = job_run
+    for f in ("report/report.md", "report/report.html", "report/pareto.png", "report/speedup.png",
+              "report/tome_merges.png", "report/confusion_chosen.png", "summary.json", "chosen/model.safetensors",
+              "joint/candidates.json", "search/best.yaml"):
+        assert (out / f).is_file(), f
+    s = json.loads((out / "summary.json").read_text())
+    assert s["device"]["type"] == "cpu" and s["device"]["threads"] >= 1
+    assert s["chosen"]["precision"] in ("fp32", "bf16", "int8") and "tome" in s["chosen"]
+    assert len(s["ablation"]) >= 8 and s["baseline"]["speedup"] == 1.0
+    for row in s["ablation"]:
+        for k in SUMMARY_FIELDS:
+            assert k in row, k
+        assert row["accuracy"] is not None and row["img_per_s"] > 0
+        if row["joules_per_img"] is None:
+            assert row["energy_note"]  # null energy always comes with the reason
+    assert sum(r["chosen"] for r in s["ablation"]) == 1
+    models = {m["label"] for m in s["stage_results"]["finetune"]["models"]}
+    assert models == {"subnet-1", "subnet-1-kd"}  # the distilled variant competes in the joint search
+    cands = json.loads((out / "joint" / "candidates.json").read_text())
+    assert len(cands) == 2 * 2 * len(s["stage_results"]["joint"]["precisions"])
+    md = (out / "report" / "report.md").read_text()
+    html = (out / "report" / "report.html").read_text()
+    assert s["device"]["name"] in md and "<table>" in html and 'src="pareto.png"' in html
+    for row in s["ablation"]:
+        assert row["name"] in md and f"{100 * row['accuracy']:.2f}" in md
+
+
+def test_chosen_checkpoint_reproduces_its_test_metrics(job_run):
+    """The saved model (ToMe + precision recorded) gives the test metrics the job reported."""
+    from vitfab.data.split import Split
+    from vitfab.evaluate.metrics import classification_metrics
+    from vitfab.evaluate.runner import collect_logits, make_eval_loader
+    from vitfab.models import load_model
+    from vitfab.tome import tome_info
+
+    out, summary = job_run
+    meta = json.loads((out / "chosen" / "meta.json").read_text())
+    assert meta["precision"] == summary["chosen"]["precision"]
+    model = load_model(out / "chosen", "cpu", precision="recorded")
+    if summary["chosen"]["tome"]:
+        assert tome_info(model)["r_per_layer"] == summary["chosen"]["r_per_layer"]
+    split = Split.load(out / "split.json")
+    logits, targets = collect_logits(model, make_eval_loader(split.root, split.test, model.vitfab_meta.preprocess),
+                                     torch.device("cpu"), progress=False)
+    m = classification_metrics(logits, targets, split.classes)
+    assert m["top1"] == pytest.approx(summary["chosen"]["test"]["top1"])
+    chosen_row = next(r for r in summary["ablation"] if r["chosen"])
+    assert chosen_row["params"] == summary["chosen"]["params"]
+
+
+def test_predict_runs_the_chosen_model(job_run, tmp_path, capsys):
+    out, summary = job_run
+    code = main(["predict", "--checkpoint", str(out / "chosen"), "--input", str(out / "data" / "void"), "--out",
+                 str(tmp_path / "p.csv"), "--no-progress", "--device", "cpu"])
+    assert code == 0
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == 8 and all(r["class"] in summary["stage_results"]["data"]["classes"] for r in rows)
+
+
+def test_main_job_resumes_after_an_interruption(job_run, tmp_path, monkeypatch):
+    """Killed in the joint stage: the resumed job keeps the finished stages and completes."""
+    from vitfab.optimize import JointOptimizer, resume_job, run_job
+
+    calls = {"n": 0}
+    real = JointOptimizer.stage_joint
+
+    def boom(self):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(JointOptimizer, "stage_joint", boom)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_job(tiny_job(), out=out, progress=False)
+    state = json.loads((out / "state.json").read_text())
+    assert set(state["stages"]) == {"data", "baseline", "supernet", "search", "finetune"}
+    best = (out / "baseline" / "checkpoints" / "best" / "model.safetensors").read_bytes()
+    summary = resume_job(out, progress=False)
+    assert calls["n"] == 2 and summary["chosen"]["checkpoint"]
+    assert (out / "baseline" / "checkpoints" / "best" / "model.safetensors").read_bytes() == best  # not retrained
+    state2 = json.loads((out / "state.json").read_text())
+    for k in state["stages"]:
+        assert state2["stages"][k] == state["stages"][k]
+    assert json.loads((out / "config.json").read_text())["status"] == "done"
+
+
+def test_main_job_resumes_a_training_stage(tmp_path, monkeypatch):
+    """Killed inside the supernet training: the resumed job continues that run folder."""
+    from vitfab.nas import train as nas_train
+    from vitfab.optimize import resume_job, run_job
+
+    real = nas_train.SupernetTrainer.save_epoch
+
+    def save_then_die(self, record, improved, val):
+        real(self, record, improved, val)
+        if record["epoch"] == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(nas_train.SupernetTrainer, "save_epoch", save_then_die)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_job(tiny_job(supernet_epochs=2), out=out, progress=False)
+    monkeypatch.setattr(nas_train.SupernetTrainer, "save_epoch", real)
+    summary = resume_job(out, progress=False)
+    epochs = [json.loads(line)["epoch"] for line in (out / "supernet" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1] and summary["requirement_met"] is not None
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--objective", "fastest"], "--objective"),
+    (["--min-accuracy", "150"], "--min-accuracy"),
+    (["--scale", "huge"], "--scale"),
+    (["--data", "/nonexistent/folder"], "not found"),
+    (["--tome-grid", "none,abc"], "ToMe"),
+    (["--precisions", "fp8"], "precision"),
+    (["--distill", "maybe"], "--distill"),
+])
+def test_run_bad_input_is_one_line(args, msg, tmp_path, capsys):
+    code = main(["run", "--out", str(tmp_path / "r"), "--no-progress", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and msg.lower() in err.lower() and "\n" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_energy_objective_needs_a_counter(tmp_path, capsys):
+    from vitfab.measure.energy import EnergyUnavailable, open_energy_counter
+
+    try:
+        open_energy_counter(torch.device("cpu"))
+    except EnergyUnavailable:
+        code = main(["run", "--objective", "energy", "--device", "cpu", "--out", str(tmp_path / "r"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and "energy counter" in err and not (tmp_path / "r").exists()
+    else:
+        pytest.skip("this machine has an energy counter: the objective is allowed")
+
+
+def test_markdown_to_html():
+    from vitfab.report import markdown_to_html
+
+    md = "# T\n\npara **b** `c`\n\n- one\n- two\n\n| a | b |\n|---|---|\n| 1 | <2> |\n\n![fig](x.png)\n"
+    h = markdown_to_html(md, "t")
+    assert "<h1>T</h1>" in h and "<b>b</b>" in h and "<code>c</code>" in h
+    assert "<ul><li>one</li><li>two</li></ul>" in h
+    assert "<tr><td>1</td><td>&lt;2&gt;</td></tr>" in h and "<th>a</th>" in h and "---" not in h
+    assert '<img alt="fig" src="x.png"' in h
