@@ -136,8 +136,8 @@ def run(
     out_console.print(f"requirement: {summary['requirement']} -> {'met' if summary['requirement_met'] else 'NOT met'}",
                       highlight=False)
     out_console.print(f"chosen: {ch['arch']} | ToMe {ch['tome'] or 'none'} | {ch['precision']}  "
-                      f"(test top-1 {100 * ch['test']['top1']:.2f} %)", highlight=False)
-    out_console.print("\n".join(ablation_table(summary["ablation"])), highlight=False)
+                      f"(test top-1 {100 * ch['test']['top1']:.2f} %)", highlight=False, soft_wrap=True)
+    out_console.print("\n".join(ablation_table(summary["ablation"])), highlight=False, soft_wrap=True)
     at = summary.get("at_224")
     if at:
         out_console.print(f"at 224 px: {at['speedup']:.1f}x DeiT-B/16 fp32 throughput, {at['params_reduction']:.1f}x "

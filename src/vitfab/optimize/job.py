@@ -374,6 +374,13 @@ class JointOptimizer:
                              batch_size=DEFAULT_BATCH.get(self.device.type, 16), progress=self.progress,
                              min_repeat_seconds=min(0.25, c.measure_seconds or 0.25))
         chosen, met = choose(cands, threshold, c.objective)
+        chance = 1 / len(self.split.classes)
+        warning = None
+        if base_acc < chance + 0.1 * (1 - chance):  # within a tenth of the way from chance to perfect
+            warning = (f"the baseline is close to chance ({100 * base_acc:.1f} % vs {100 * chance:.1f} %): "
+                       f"{self.result('baseline')['epochs']} epoch(s) of DeiT-B/16 fit this budget, so the requirement "
+                       f"relative to it is weak; give more --budget-minutes, --baseline-weights, or --min-accuracy")
+            console.print(f"[yellow]warning:[/yellow] {warning}")
         front = joint_front(cands, c.objective)
         out = self.run.root / "joint"
         out.mkdir(exist_ok=True)
@@ -381,7 +388,7 @@ class JointOptimizer:
         console.print(f"joint search: {len(cands)} configurations, {len(front)} on the Pareto front; chosen "
                       f"{chosen.key} (val top-1 {100 * chosen.accuracy:.2f} %, {chosen.img_per_s:.0f} img/s)"
                       + ("" if met else " -- NO candidate meets the requirement: the most accurate is kept"))
-        return {"baseline_val_top1": base_acc, "threshold": threshold, "requirement": c.requirement().describe(base_acc),
+        return {"baseline_val_top1": base_acc, "baseline_warning": warning, "threshold": threshold, "requirement": c.requirement().describe(base_acc),
                 "requirement_met": met, "objective": c.objective, "precisions": [m.value for m in modes],
                 "schedules": c.tome_schedules(), "chosen": chosen.to_dict(), "front": [x.key for x in front],
                 "candidates": str(out / "candidates.json")}

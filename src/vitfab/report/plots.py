@@ -19,6 +19,18 @@ def _plt():
     return plt
 
 
+def _log_x(ax, values: Sequence[float]) -> None:
+    """Log-scaled x with plain numbers and no crowded minor labels; linear within one decade."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    values = [v for v in values if v and v > 0]
+    if not values or max(values) / min(values) < 10:
+        return
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -49,22 +61,22 @@ def plot_pareto(candidates: Sequence[dict[str, Any]], front: Sequence[str], chos
                           label="chosen")
         if threshold is not None:
             a.axhline(100 * threshold, ls="--", c="#2ca02c", lw=1, label="requirement")
-        a.set_xscale("log")
-    a.set_xlabel("img/s (log)")
+        _log_x(a, [c["img_per_s"] for c in ok])
+    a.set_xlabel("img/s")
     a.set_ylabel("validation top-1 (%)")
     a.set_title("joint search: subnet x ToMe x precision")
     a.legend(fontsize=8)
-    for r in rows:
+    for i, r in enumerate(sorted(rows, key=lambda r: r["img_per_s"])):
         n = len(r["axes"])
         b.scatter([r["img_per_s"]], [100 * r["accuracy"]], s=140 if r.get("chosen") else 50,
                   marker="*" if r.get("chosen") else "o", c=AXIS_COLOURS[n], zorder=3)
-        b.annotate(r["name"], (r["img_per_s"], 100 * r["accuracy"]), fontsize=7, xytext=(4, 3),
-                   textcoords="offset points")
+        b.annotate(r["name"], (r["img_per_s"], 100 * r["accuracy"]), fontsize=7, rotation=30,
+                   xytext=(4, 6 if i % 2 == 0 else -12), textcoords="offset points")
     for n, label in ((0, "baseline"), (1, "one axis"), (2, "two axes"), (3, "all three")):
         b.scatter([], [], c=AXIS_COLOURS[n], label=label)
     if rows:
-        b.set_xscale("log")
-    b.set_xlabel("img/s (log)")
+        _log_x(b, [r["img_per_s"] for r in rows])
+    b.set_xlabel("img/s")
     b.set_ylabel("test top-1 (%)")
     b.set_title("ablation (test split)")
     b.legend(fontsize=8)
@@ -82,30 +94,50 @@ def plot_speedup(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     for yi, v in zip(y, vals):
         ax.text(v, yi, f" {v:.2f}x", va="center", fontsize=8)
     ax.set_yticks(y, names, fontsize=8)
-    ax.set_xscale("log")
+    _log_x(ax, vals)
     ax.axvline(1.0, c="k", lw=0.8)
     ax.set_xlabel("throughput speedup over DeiT-B/16 fp32 (log)")
     ax.set_title("speedup contribution per axis")
     return _save(fig, path)
 
 
+def readable_prefix(r_per_layer: Sequence[int], num_tokens: int, protected: int) -> int:
+    """How many blocks of the schedule to show: the most after which at least a quarter of the
+    patches (and 4) remain as separate groups -- after the last block a strong schedule may have
+    merged everything into one token, which shows nothing."""
+    from ..tome import token_counts
+
+    patches = num_tokens - protected
+    keep = 0
+    for n in range(1, len(r_per_layer) + 1):
+        if token_counts(list(r_per_layer[:n]), num_tokens, protected)[-1] - protected >= max(4, patches / 4):
+            keep = n
+    return keep
+
+
 def plot_tome_merges(model, split, schedule: str | None, path: Path, per_class: int = 2) -> Path:
-    """A few test images of each class beside the chosen model's merged patch groups."""
+    """A few test images of each class beside the chosen model's merged patch groups (after the
+    deepest block where a quarter of the patches are still separate groups)."""
     from PIL import Image
 
     from ..data.images import load_image
     from ..data.transforms import eval_transform
+    from ..tome import resolve_schedule
+    from ..tome.patch import num_input_tokens
     from ..tome.visualize import patch_groups, render_groups
 
     plt = _plt()
     meta = model.vitfab_meta
     size = meta.preprocess.img_size
+    r = resolve_schedule(model, schedule or 0)[1]
+    blocks = readable_prefix(r, num_input_tokens(model), model.num_prefix_tokens)
+    shown = list(r[:blocks]) + [0] * (len(r) - blocks)
     picks = []
     for ci, cls in enumerate(split.classes):
         picks += [(cls, p) for p, y in split.test if y == ci][:per_class]
     cols = 2 * per_class
     rows = len(split.classes)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows + 0.6), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     counters = {c: 0 for c in split.classes}
@@ -113,12 +145,13 @@ def plot_tome_merges(model, split, schedule: str | None, path: Path, per_class: 
     for cls, rel in picks:
         pil = load_image(Path(split.root) / rel)
         view = np.asarray(pil.convert("RGB").resize((size, size), Image.BICUBIC))
-        groups, _ = patch_groups(model, tf(pil)[None], schedule or 0)
+        groups, _ = patch_groups(model, tf(pil)[None], shown)
         i, j = split.classes.index(cls), 2 * counters[cls]
         counters[cls] += 1
         axes[i, j].imshow(view)
         axes[i, j + 1].imshow(render_groups(view, groups))
         axes[i, j].set_title(cls, fontsize=7)
         axes[i, j + 1].set_title(f"{len(np.unique(groups))} groups", fontsize=7)
-    fig.suptitle(f"ToMe merges of the chosen model ({schedule or 'no ToMe'})", fontsize=9)
+    fig.suptitle(f"ToMe merges of the chosen model ({schedule or 'no ToMe'}): patch groups after block "
+                 f"{blocks} of {len(r)}", fontsize=9)
     return _save(fig, path)

@@ -57,6 +57,8 @@ def render_markdown(s: dict[str, Any], candidates: Sequence[dict[str, Any]], ima
     met = s.get("requirement_met")
     L += [f"Requirement: {s.get('requirement')}. Objective: {s['objective']}. "
           f"Met: **{'yes' if met else 'NO (the most accurate candidate is reported)'}**.", ""]
+    if res.get("joint", {}).get("baseline_warning"):
+        L += [f"**Warning:** {res['joint']['baseline_warning']}.", ""]
     L += ["## Chosen configuration", ""]
     test = ch.get("test") or {}
     chosen_row = next((r for r in rows if r.get("chosen")), None)
