@@ -62,13 +62,14 @@ def render_markdown(s: dict[str, Any], candidates: Sequence[dict[str, Any]], ima
     L += ["## Chosen configuration", ""]
     test = ch.get("test") or {}
     chosen_row = next((r for r in rows if r.get("chosen")), None)
+    rates = "" if test.get("escape_rate") is None else (
+        f", escape {_pct(test.get('escape_rate'))} %, overkill {_pct(test.get('overkill_rate'))} %")
     L += [f"- architecture: `{ch.get('arch')}` ({ch.get('model')}), {_m(ch.get('params'))} params, "
           f"{_num(ch.get('gmacs'), '{:.3f}')} GMACs with merging",
           f"- ToMe: `{ch.get('tome') or 'none'}` (r per layer {ch.get('r_per_layer') or []})",
           f"- precision: {ch.get('precision')}",
           f"- validation top-1 {_pct(ch.get('val_top1'))} %; test top-1 {_pct(test.get('top1'))} %, macro-F1 "
-          f"{_num(test.get('macro_f1'), '{:.3f}')}, escape {_pct(test.get('escape_rate'))} %, overkill "
-          f"{_pct(test.get('overkill_rate'))} %"]
+          f"{_num(test.get('macro_f1'), '{:.3f}')}{rates}"]
     if chosen_row and base:
         L.append(f"- against the DeiT-B/16 fp32 baseline: {chosen_row['speedup']:.2f}x throughput, "
                  f"{base['params'] / chosen_row['params']:.1f}x fewer params, "
