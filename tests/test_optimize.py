@@ -180,7 +180,8 @@ def test_main_job_writes_the_evidence(job_run):
     out, summary = job_run
     for f in ("report/report.md", "report/report.html", "report/pareto.png", "report/speedup.png",
               "report/tome_merges.png", "report/confusion_chosen.png", "summary.json", "chosen/model.safetensors",
-              "joint/candidates.json", "search/best.yaml"):
+              "joint/candidates.json", "search/best.yaml", "deploy/model.onnx", "deploy/model.ts",
+              "deploy/deploy.json"):
         assert (out / f).is_file(), f
     s = json.loads((out / "summary.json").read_text())
     assert s["device"]["type"] == "cpu" and s["device"]["threads"] >= 1
@@ -193,6 +194,7 @@ def test_main_job_writes_the_evidence(job_run):
         if row["joules_per_img"] is None:
             assert row["energy_note"]  # null energy always comes with the reason
     assert sum(r["chosen"] for r in s["ablation"]) == 1
+    assert max(s["deploy"]["parity_max_abs_diff"].values()) <= 1e-3  # the chosen model in ONNX Runtime
     models = {m["label"] for m in s["stage_results"]["finetune"]["models"]}
     assert models == {"subnet-1", "subnet-1-kd"}  # the distilled variant competes in the joint search
     cands = json.loads((out / "joint" / "candidates.json").read_text())
@@ -234,6 +236,12 @@ def test_predict_runs_the_chosen_model(job_run, tmp_path, capsys):
     assert code == 0
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert len(rows) == 8 and all(r["class"] in summary["stage_results"]["data"]["classes"] for r in rows)
+    for rt, prec in (("onnxruntime", "recorded"), ("torch", "fp32")):  # the deploy folder, both runtimes, fp32
+        assert main(["predict", "--model", str(out / "deploy"), "--runtime", rt, "--precision", prec, "--input",
+                     str(out / "data" / "void"), "--out", str(tmp_path / f"{rt}.csv"), "--no-progress"]) == 0
+    a, b = (list(csv.DictReader(open(tmp_path / f"{rt}.csv"))) for rt in ("onnxruntime", "torch"))
+    assert [r["class"] for r in a] == [r["class"] for r in b]
+    assert np.allclose([float(r["confidence"]) for r in a], [float(r["confidence"]) for r in b], atol=1e-4)
 
 
 def test_main_job_resumes_after_an_interruption(job_run, tmp_path, monkeypatch):

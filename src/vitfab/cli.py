@@ -300,22 +300,26 @@ def eval_(
 # --------------------------------------------------------------------------- prediction
 @app.command()
 def predict(
-    checkpoint: Path = typer.Option(..., help="A vitfab checkpoint or run folder."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A vitfab checkpoint or run folder."),
+    model: Optional[Path] = typer.Option(None, "--model", help="A deploy folder (vitfab export) or .onnx file."),
     input: List[Path] = typer.Option(..., "--input", help="Image file or folder; repeatable."),
     out: Path = typer.Option(Path("preds.csv"), help="CSV: file, class, confidence, topk."),
+    runtime: str = typer.Option("torch", help="torch, or onnxruntime (a deploy folder or .onnx file)."),
     topk: int = typer.Option(3, help="How many classes to list per image."),
     batch_size: int = typer.Option(64),
     skip_bad_images: bool = typer.Option(False),
     device: str = typer.Option("auto"),
-    precision: str = typer.Option("recorded", help="recorded (the mode saved with the checkpoint, e.g. by vitfab "
-                                                    "run; else fp32), fp32, fp16, bf16 or int8."),
+    precision: str = typer.Option("recorded", help="recorded (the mode saved with the model, e.g. by vitfab run; "
+                                                    "else fp32; fp32 in onnxruntime), fp32, fp16, bf16 or int8."),
     progress: bool = typer.Option(True),
 ):
-    """Classify images with a trained checkpoint; write a CSV."""
-    from .models import load_model
+    """Classify images with a trained checkpoint or an exported model; write a CSV."""
+    from .export import load_deployed
     from .predict import expand_inputs, predict_images, write_predictions_csv
     from .runtime import resolve_device
 
+    if (model is None) == (checkpoint is None):
+        raise VitfabError("give exactly one of --checkpoint PATH or --model DEPLOY_DIR_OR_ONNX")
     if topk < 1:
         raise VitfabError(f"--topk must be at least 1, got {topk}")
     dev = resolve_device(device)
@@ -324,11 +328,84 @@ def predict(
 
         precision = parse_precision(precision, allow_auto=False).value
     paths = expand_inputs(input)
-    net = load_model(checkpoint, dev, precision)
+    path = model if model is not None else checkpoint
+    if not path.exists():
+        raise VitfabError(f"{'model' if model is not None else 'checkpoint'} not found: {path}")
+    net = load_deployed(path, runtime, dev, precision)
     rows, skipped = predict_images(net, paths, dev, batch_size, topk, skip_bad_images, progress=progress)
     write_predictions_csv(rows, out)
     out_console.print(f"{len(rows)} predictions -> {out}" + (f" ({len(skipped)} skipped)" if skipped else ""),
                       highlight=False)
+
+
+@app.command("export")
+def export_(
+    model: Path = typer.Option(..., "--model", help="A vitfab checkpoint, run folder or main-job run's chosen/."),
+    out: Path = typer.Option(Path("deploy"), help="The deploy folder to write (replaced atomically)."),
+    format: str = typer.Option("safetensors,torchscript,onnx", "--format", help="Comma list of safetensors, "
+                                                                                "torchscript, onnx."),
+    opset: int = typer.Option(17, help="ONNX opset (>= 17)."),
+    tolerance: float = typer.Option(1e-3, help="Max |logit difference| against PyTorch fp32 each format must meet."),
+    as_json: bool = typer.Option(False, "--json", help="Print deploy.json."),
+):
+    """Export a model (ToMe inside) as safetensors + TorchScript + ONNX, checked in ONNX Runtime."""
+    from .export import export_deploy
+    from .export.deploy import parse_formats
+
+    formats = parse_formats(format)
+    if not model.exists():
+        raise VitfabError(f"not found: {model}")
+    if model.is_dir() and (model / "chosen").is_dir() and (model / "state.json").is_file():
+        model = model / "chosen"  # a main-job run folder: its chosen model
+    info = export_deploy(model, out, formats, opset, tolerance)
+    if as_json:
+        _print_json(info)
+        return
+    out_console.print(f"deploy folder: {out}  ({', '.join(info['files'].values())})", highlight=False)
+    for k, v in info["parity_max_abs_diff"].items():
+        out_console.print(f"{k}: max |logit difference| vs PyTorch fp32 = {v:.2e}", highlight=False)
+
+
+@app.command()
+def sweep(
+    data: Path = typer.Option(..., help="Labelled folder: ImageNet-1k val (synset folders) or the model's classes."),
+    model: Optional[str] = typer.Option(None, help="timm model name, with --pretrained or --weights."),
+    pretrained: bool = typer.Option(False, help="With --model: timm's hub weights."),
+    weights: Optional[Path] = typer.Option(None, help="With --model: a local weights file."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Or a vitfab checkpoint (e.g. an extracted AutoFormer subnet)."),
+    img_size: Optional[int] = typer.Option(None, help="With --model: input size override."),
+    patch_size: Optional[int] = typer.Option(None, help="With --model: patch size override."),
+    tome_r: str = typer.Option("0,4,8,12,16", help="ToMe schedules, comma list (R, R:INFLECTION, keep=F, macs=F)."),
+    precision: str = typer.Option("fp32,bf16", help="Precision modes, comma list."),
+    max_images: Optional[int] = typer.Option(None, help="A seeded subset of the folder, for a quick look."),
+    batch_size: int = typer.Option(64, help="Batch size of the accuracy passes."),
+    device: str = typer.Option("auto"),
+    repeats: int = typer.Option(5, help="Throughput repeats per configuration (median reported)."),
+    min_repeat_seconds: float = typer.Option(1.0, help="Each throughput repeat lasts at least this long."),
+    out: Optional[Path] = typer.Option(None, help="Folder for results (default runs/sweep-<model>); a killed sweep "
+                                                  "resumes from it."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+    progress: bool = typer.Option(True),
+):
+    """Accuracy vs throughput of ToMe r x precision off the shelf (the ToMe paper's analysis)."""
+    from .measure.sweep import SweepConfig, run_sweep
+
+    cfg = SweepConfig(data=str(data), model=model, pretrained=pretrained, weights=str(weights) if weights else None,
+                      checkpoint=str(checkpoint) if checkpoint else None, img_size=img_size, patch_size=patch_size,
+                      tome_r=_split_list(tome_r, "--tome-r"), precisions=_split_list(precision, "--precision"),
+                      max_images=max_images, batch_size=batch_size, device=device, repeats=repeats,
+                      min_repeat_seconds=min_repeat_seconds)
+    cfg.validate()
+    name = model or Path(str(checkpoint)).name
+    rows = run_sweep(cfg, out or Path("runs") / f"sweep-{name}", progress)
+    if as_json:
+        _print_json(rows)
+        return
+    out_console.print(f"{'ToMe r':>10} {'precision':>9} {'top-1 %':>8} {'GMACs':>7} {'img/s':>8} {'x':>6} {'p50 ms':>7}",
+                      highlight=False)
+    for r in rows:
+        out_console.print(f"{r['tome_r']:>10} {r['precision']:>9} {100 * r['top1']:8.2f} {r['gmacs']:7.3f} "
+                          f"{r['img_per_s']:8.1f} {r['speedup']:6.2f} {r['latency_ms_p50']:7.2f}", highlight=False)
 
 
 # --------------------------------------------------------------------------- measurement
@@ -350,12 +427,15 @@ def bench(
     precision: str = typer.Option("fp32", help="fp32, fp16, bf16, int8 or auto; a comma list compares several."),
     tome_r: Optional[str] = typer.Option(
         None, help="ToMe schedule: R, R:INFLECTION (16:-1 = decreasing), R1/R2/... per layer, keep=F, macs=F, or "
-                   "none (stock model); a comma list compares several [default: none]."),
+                   "none (stock model), recorded (as saved with the checkpoint); a comma list compares several "
+                   "[default: none]."),
+    runtime: Optional[str] = typer.Option(None, help="torch or onnxruntime (a deploy folder or .onnx file) "
+                                                     "[default: onnxruntime for .onnx files, else torch]."),
     batch_size: Optional[int] = typer.Option(None, help="Throughput batch [default: 16 on CPU, 256 on CUDA]."),
     img_size: Optional[int] = typer.Option(None, help="With --model: input size override."),
     vs: List[str] = typer.Option([], help="Another configuration, KEY=VALUE[,KEY=VALUE] changed from the first "
                                           "(keys: model, checkpoint, precision, tome_r, batch_size, img_size, method, "
-                                          "label); repeatable."),
+                                          "label, runtime); repeatable."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     data: Optional[Path] = typer.Option(None, help="Labelled folder: also measure top-1 of each configuration."),
     split: str = typer.Option("val", help="With a run folder as --checkpoint: the split to measure top-1 on."),
@@ -379,7 +459,7 @@ def bench(
         raise VitfabError("give exactly one of --model NAME or --checkpoint PATH")
     schedules = [parse_tome_spec(v) for v in _split_list(tome_r, "--tome-r")] if tome_r is not None else [None]
     base = BenchConfig(model=model, checkpoint=str(checkpoint) if checkpoint else None, batch_size=batch_size,
-                       img_size=img_size)
+                       img_size=img_size, runtime=runtime)
     configs = [dataclasses.replace(base, precision=p, tome_r=r)
                for p in _split_list(precision, "--precision") for r in schedules]
     configs += [configs[0].with_overrides(spec) for spec in vs]

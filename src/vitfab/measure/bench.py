@@ -30,6 +30,7 @@ from .memory import peak_memory, weights_bytes
 from .timing import interleaved_latency, interleaved_throughput, median, percentiles
 
 DEFAULT_BATCH = {"cpu": 16, "cuda": 256}
+RECORDED = "recorded"  # --tome-r: the schedule saved with the checkpoint
 
 
 @dataclass
@@ -42,19 +43,38 @@ class BenchConfig:
     img_size: int | None = None  # timm names only; a checkpoint runs at its own size
     method: str = "cast"  # fp16/bf16: "cast" (low-precision weights) or "autocast"
     label: str | None = None
+    runtime: str | None = None  # torch | onnxruntime; None: onnxruntime for an .onnx file, else torch
 
-    FIELDS = ("model", "checkpoint", "precision", "tome_r", "batch_size", "img_size", "method", "label")
+    FIELDS = ("model", "checkpoint", "precision", "tome_r", "batch_size", "img_size", "method", "label", "runtime")
+
+    @property
+    def resolved_runtime(self) -> str:
+        if self.runtime is not None:
+            return self.runtime
+        return "onnxruntime" if self.checkpoint is not None and str(self.checkpoint).endswith(".onnx") else "torch"
 
     def validate(self) -> None:
         if (self.model is None) == (self.checkpoint is None):
             raise VitfabError("give exactly one of --model NAME or --checkpoint PATH")
         parse_precision(self.precision)
-        if self.tome_r is not None:
+        if self.tome_r not in (None, RECORDED):
             Schedule.parse(self.tome_r)
         if self.batch_size is not None and self.batch_size < 1:
             raise VitfabError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.img_size is not None and self.checkpoint is not None:
             raise VitfabError("--img-size applies to --model; a checkpoint runs at the size it was trained at")
+        rt = self.resolved_runtime
+        if rt not in ("torch", "onnxruntime"):
+            raise VitfabError(f"runtime must be torch or onnxruntime, got '{rt}'")
+        if rt == "onnxruntime":
+            if self.checkpoint is None:
+                raise VitfabError("the onnxruntime runtime runs an exported model: give a deploy folder or .onnx file")
+            if self.tome_r not in (None, RECORDED):
+                raise VitfabError("an exported model's ToMe schedule is fixed in its graph: drop --tome-r for onnxruntime")
+            if self.precision not in ("fp32", "int8"):
+                raise VitfabError(f"onnxruntime runs fp32 or int8 here, not {self.precision}")
+        elif self.checkpoint is not None and str(self.checkpoint).endswith(".onnx"):
+            raise VitfabError(f"{self.checkpoint} is an ONNX file: it runs with runtime=onnxruntime")
 
     def with_overrides(self, spec: str) -> "BenchConfig":
         """A copy with ``key=value[,key=value]`` applied (the ``--vs`` syntax)."""
@@ -89,23 +109,32 @@ class BenchConfig:
         name = name.replace("_patch16_224", "").replace("_224", "")
         mode = f"auto->{resolved}" if self.precision == AUTO and resolved else self.precision
         parts = [name, mode if self.method == "cast" else f"{mode}-autocast"]
-        if self.tome_r is not None:
+        if self.resolved_runtime == "onnxruntime":
+            parts.append("onnxruntime")
+        if self.tome_r == RECORDED or (self.tome_r is None and self.resolved_runtime == "onnxruntime"):
+            parts.append("ToMe as saved")
+        elif self.tome_r is not None:
             parts.append(Schedule.parse(self.tome_r).describe())
         return " ".join(parts)
 
 
 def parse_tome_spec(value: str) -> str | None:
-    """``none``/``stock``/``off`` -> None (the stock model); anything else is a ToMe schedule."""
+    """``none``/``stock``/``off`` -> None (the stock model); ``recorded`` -> the schedule saved with
+    the checkpoint, as it is; anything else is a ToMe schedule."""
     value = value.strip()
     if value.lower() in ("none", "stock", "off"):
         return None
+    if value.lower() == RECORDED:
+        return RECORDED
     Schedule.parse(value)
     return value
 
 
 def apply_token_merging(model: nn.Module, spec: str | None) -> nn.Module:
-    """The schedule ``spec``, or the stock model (merging removed, also from a checkpoint saved
-    with it) for None."""
+    """The schedule ``spec``, the stock model (merging removed, also from a checkpoint saved
+    with it) for None, the model as loaded for ``recorded``."""
+    if spec == RECORDED:
+        return model
     if spec is None:
         return tome.remove(model)
     return tome.apply(model, spec)
@@ -115,6 +144,10 @@ def load_fp32_model(cfg: BenchConfig) -> nn.Module:
     from ..models import create_model, load_model
 
     if cfg.checkpoint is not None:
+        if str(cfg.checkpoint).endswith(".onnx"):
+            from ..export.runtime import torch_twin
+
+            return torch_twin(cfg.checkpoint)
         return load_model(cfg.checkpoint, "cpu")
     return create_model(cfg.model, img_size=cfg.img_size).eval()
 
@@ -133,6 +166,7 @@ class _Prepared:
     accuracy: float | None = None
     accuracy_on: str | None = None
     weights_mb: float = 0.0
+    tome: dict | None = None
 
 
 def _prepare(cfg: BenchConfig, device: torch.device, data, split: str, tolerance: float, progress: bool,
@@ -141,7 +175,9 @@ def _prepare(cfg: BenchConfig, device: torch.device, data, split: str, tolerance
 
     cfg.validate()
     base = load_fp32_model(cfg)
-    base = apply_token_merging(base, cfg.tome_r)
+    ort = cfg.resolved_runtime == "onnxruntime"
+    if not ort:  # an exported graph keeps the schedule it was exported with
+        base = apply_token_merging(base, cfg.tome_r)
     h, w = input_size(base)
     params, macs = count_params(base), count_macs(base)
     precision = parse_precision(cfg.precision)
@@ -164,14 +200,20 @@ def _prepare(cfg: BenchConfig, device: torch.device, data, split: str, tolerance
             val_loader = make_eval_loader(val[0], val[1], base.vitfab_meta.preprocess, batch_size=64)
         choice = select_precision(base, val_loader, device, tolerance, progress=progress)
         precision = choice.precision
-    model = prepare_model(base, precision, device, cfg.method)
+    if ort:
+        from ..export.runtime import OrtModel
+
+        model = OrtModel(cfg.checkpoint, device, precision.value)
+    else:
+        model = prepare_model(base, precision, device, cfg.method)
     bs = cfg.batch_size or DEFAULT_BATCH.get(device.type, 16)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(bs, 3, h, w, generator=gen).to(device)
     with torch.inference_mode():
         check_finite(model(x[:2]), precision, "a random input batch")
     p = _Prepared(cfg, precision, model, x, x[:1].clone(), params, macs, h, base.vitfab_meta.name,
-                  weights_mb=weights_bytes(model) / 2**20)
+                  weights_mb=(Path(model.run_path).stat().st_size if ort else weights_bytes(model)) / 2**20,
+                  tome=tome.tome_info(base))
     if loader is not None:
         p.accuracy, p.accuracy_on = validation_accuracy(model, loader, device, precision), desc
     return p
@@ -232,7 +274,7 @@ def benchmark(
             device_name=device_name(device), batch_size=len(p.x), img_size=p.img_size,
             threads=torch.get_num_threads(), params=p.params, macs=p.macs, img_per_s=median(s),
             img_per_s_runs=[round(v, 3) for v in s], latency_ms=percentiles(l), peak_memory_mb=mb,
-            memory_kind=kind, weights_mb=p.weights_mb, energy=e, tome=tome.tome_info(p.model),
+            memory_kind=kind, weights_mb=p.weights_mb, energy=e, tome=p.tome,
             accuracy=p.accuracy, accuracy_on=p.accuracy_on,
         ))
     return out

@@ -31,6 +31,18 @@ def save_checkpoint(
     train_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write weights, metadata and (optionally) the training state into ``folder`` atomically."""
+    with atomic_dir(folder) as tmp:
+        write_checkpoint(tmp, model, extra, train_state)
+    return Path(folder)
+
+
+def write_checkpoint(
+    folder: Path,
+    model: VisionTransformer,
+    extra: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint files in an existing (temporary) folder; returns the metadata written."""
     from ..tome import tome_info
 
     meta: ModelMeta = model.vitfab_meta
@@ -40,12 +52,11 @@ def save_checkpoint(
     if tome is not None:
         meta_dict["tome"] = tome
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_dir(folder) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"vitfab": json.dumps(meta_dict)})
-        write_json_atomic(tmp / META_FILE, meta_dict)
-        if train_state is not None:
-            torch.save(train_state, tmp / STATE_FILE)
-    return Path(folder)
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"vitfab": json.dumps(meta_dict)})
+    write_json_atomic(folder / META_FILE, meta_dict)
+    if train_state is not None:
+        torch.save(train_state, folder / STATE_FILE)
+    return meta_dict
 
 
 def resolve_weights(path: Path) -> Path:
@@ -89,6 +100,16 @@ def read_meta(path: str | Path) -> ModelMeta:
     return ModelMeta.from_dict(meta)
 
 
+def apply_recorded_tome(model: VisionTransformer, meta: ModelMeta) -> VisionTransformer:
+    """Re-apply the ToMe schedule saved with a model (nothing where none was saved)."""
+    tome = meta.extra.get("tome")
+    if tome:
+        from ..tome import apply
+
+        apply(model, tome.get("spec", list(tome["r_per_layer"])), prop_attn=tome.get("prop_attn", True))
+    return model
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", precision: str | None = None) -> VisionTransformer:
     """Rebuild a model saved by vitfab; eval mode, ``model.vitfab_meta`` set, ToMe re-applied.
 
@@ -104,11 +125,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", precision: 
     kwargs.pop("num_classes", None)
     model = create_model(meta.name, classes=meta.classes, weights=weights, **kwargs)
     model.vitfab_meta = meta
-    tome = meta.extra.get("tome")
-    if tome:
-        from ..tome import apply
-
-        apply(model, tome.get("spec", list(tome["r_per_layer"])), prop_attn=tome.get("prop_attn", True))
+    apply_recorded_tome(model, meta)
     model = model.to(device).eval()
     if precision is None:
         return model

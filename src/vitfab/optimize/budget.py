@@ -21,7 +21,7 @@ from ..runtime import autocast
 
 STAGE_WEIGHTS = {  # relative shares of the budget
     "data": 0.05, "baseline": 3.0, "supernet": 3.0, "search": 0.7, "finetune": 1.6, "joint": 0.8,
-    "final": 0.6, "ablation": 1.3, "report": 0.3,
+    "final": 0.6, "export": 0.2, "ablation": 1.3, "report": 0.3,
 }
 STAGES = tuple(STAGE_WEIGHTS)
 
@@ -71,14 +71,15 @@ class Budget:
 
 
 def probe_train_speed(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device, amp: str,
-                      steps: int = 2) -> float:
+                      steps: int = 3) -> float:
     """Training images per second of ``model`` (forward + backward, no optimizer step, so the
-    weights stay as they are), timed over ``steps`` after one warm-up step."""
+    weights stay as they are): the median of ``steps`` timed steps after one warm-up step, so one
+    step slowed by another process on a shared machine does not set the plan."""
     model = model.to(device).train()
     num_classes = model.num_classes
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
-    seconds = 0.0
+    times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
         with autocast(device, amp):
@@ -87,9 +88,9 @@ def probe_train_speed(model: torch.nn.Module, batch_size: int, img_size: int, de
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i:
-            seconds += time.perf_counter() - t0
+            times.append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
-    return steps * batch_size / max(seconds, 1e-9)
+    return batch_size / max(sorted(times)[len(times) // 2], 1e-9)
 
 
 def epoch_seconds(train_images: int, val_images: int, train_img_per_s: float) -> float:

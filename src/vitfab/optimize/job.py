@@ -16,8 +16,9 @@ Stages (each writes into the run folder; ``state.json`` records the finished one
 7. final     the chosen configuration fine-tuned with its ToMe schedule on; kept only if
              validation says so; saved as ``chosen/`` (ToMe schedule and precision recorded) and
              evaluated once on the test split
-8. ablation  baseline, each axis, each pair, all three: test metrics and speed, one interleaved run
-9. report    report.md, report.html, PNG plots, summary.json
+8. export    the chosen model as deploy/: safetensors, TorchScript, ONNX (ToMe inside), parity checked
+9. ablation  baseline, each axis, each pair, all three: test metrics and speed, one interleaved run
+10. report   report.md, report.html, PNG plots, summary.json
 """
 
 from __future__ import annotations
@@ -435,6 +436,16 @@ class JointOptimizer:
                 "subnet_checkpoint": chosen.checkpoint, "test": {k: m.get(k) for k in (
                     "top1", "macro_f1", "escape_rate", "overkill_rate")}}
 
+    def stage_export(self) -> dict[str, Any]:
+        """The chosen model as deploy/ (safetensors, TorchScript, ONNX with ToMe inside), checked
+        against PyTorch fp32 in ONNX Runtime."""
+        from ..export import export_deploy
+
+        info = export_deploy(self.result("final")["checkpoint"], self.run.root / "deploy")
+        console.print("deploy/: " + ", ".join(f"{k} max |logit difference| {v:.1e}"
+                                              for k, v in info["parity_max_abs_diff"].items()))
+        return {"folder": str(self.run.root / "deploy"), "parity_max_abs_diff": info["parity_max_abs_diff"]}
+
     def stage_ablation(self) -> dict[str, Any]:
         from .ablation import ablation_rows, measure_ablation
 
@@ -524,6 +535,7 @@ class JointOptimizer:
             "baseline": slim[0] if slim else None,
             "ablation": slim,
             "at_224": st.get("ablation", {}).get("at_224"),
+            "deploy": st.get("export"),
             "budget": self.budget.to_dict(),
             "stages": {k: v.get("seconds") for k, v in st.items()},
             "stage_results": {k: {kk: vv for kk, vv in v.items() if kk not in ("rows",)} for k, v in st.items()},

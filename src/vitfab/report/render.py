@@ -98,6 +98,15 @@ def render_markdown(s: dict[str, Any], candidates: Sequence[dict[str, Any]], ima
               for r in at["rows"]]
         L += ["", f"Speedup {at['speedup']:.1f}x, {at['params_reduction']:.1f}x fewer params, "
                   f"{at['macs_reduction']:.1f}x fewer GMACs.", ""]
+    dep = s.get("deploy")
+    if dep:
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in dep["parity_max_abs_diff"].items())
+        L += ["## Deployment", "",
+              f"`{dep['folder']}`: safetensors + meta.json, TorchScript, ONNX (opset 17, dynamic batch, ToMe's matching "
+              f"and merges in the graph). Max |logit difference| against PyTorch fp32: {diffs}. Run it with "
+              f"`vitfab predict --model {dep['folder']} --runtime onnxruntime --input DIR --out preds.csv`, compare "
+              f"runtimes with `vitfab bench --checkpoint {dep['folder']} --tome-r recorded --vs runtime=onnxruntime`.",
+              ""]
     joint = res.get("joint", {})
     L += ["## Joint search (validation split)", ""]
     ok = [c for c in candidates if c.get("accuracy") is not None and c.get("img_per_s")]

@@ -1,0 +1,161 @@
+"""``vitfab export``: a model as a ``deploy/`` folder that runs outside vitfab's training code.
+
+deploy/
+  model.safetensors + meta.json   the weights and what rebuilds them (a vitfab checkpoint folder:
+                                  ``vitfab.load_model("deploy/")`` works)
+  model.onnx                      ONNX (opset >= 17), dynamic batch, ToMe's matching and merges in
+                                  the graph; the metadata JSON rides in the model's metadata_props
+  model.ts                        TorchScript (traced), dynamic batch
+  deploy.json                     classes, preprocessing, architecture, ToMe schedule, precision,
+                                  files, and the parity measured at export (max |logit difference|
+                                  of each format against PyTorch fp32 on a batch of a size not
+                                  used for tracing)
+
+Token merging exports as ordinary tensor ops: the matching is a matmul, max, a descending
+argsort and gathers; the size-weighted merge is a scatter-add of size x value then a division
+(``scatter_reduce("mean")`` has no ONNX form). The token counts are fixed by the input size, so
+the graph is static apart from the batch axis.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import VitfabError
+from ..files import atomic_dir, write_json_atomic
+
+FORMATS = ("safetensors", "torchscript", "onnx")
+FILES = {"safetensors": "model.safetensors", "torchscript": "model.ts", "onnx": "model.onnx"}
+DEPLOY_FILE = "deploy.json"
+DEPLOY_FORMAT = "vitfab-deploy/1"
+OPSET = 17
+
+
+def parse_formats(value: str | Sequence[str]) -> list[str]:
+    items = [v.strip().lower() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    bad = [v for v in items if v not in FORMATS]
+    if bad or not items:
+        raise VitfabError(f"--format takes a comma list of {', '.join(FORMATS)}; got '{','.join(items) or value}'")
+    return list(dict.fromkeys(items))
+
+
+def example_input(model, batch: int, seed: int = 0) -> torch.Tensor:
+    size = model.vitfab_meta.preprocess.img_size
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def export_onnx(model, path: Path, opset: int = OPSET, metadata: dict[str, Any] | None = None) -> Path:
+    """The fp32 model (ToMe included) as ONNX with a dynamic batch axis."""
+    import onnx
+
+    if opset < 17:
+        raise VitfabError(f"--opset must be >= 17 (LayerNormalization), got {opset}")
+    x = example_input(model, 2)
+    with warnings.catch_warnings():  # tracer notes on Python ints derived from shapes: token counts are static
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                          dynamo=False)
+    proto = onnx.load(str(path))
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+    return path
+
+
+def export_torchscript(model, path: Path) -> Path:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (example_input(model, 2),), check_trace=False)
+    traced.save(str(path))
+    return path
+
+
+def ort_session(path: str | Path, device: str | torch.device = "cpu"):
+    """An ONNX Runtime session on the CPU provider, or CUDA's where asked for and present."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise VitfabError("the onnxruntime runtime needs the onnxruntime package (pip install onnxruntime)") from None
+    providers = ["CPUExecutionProvider"]
+    if torch.device(device).type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise VitfabError("onnxruntime here has no CUDA provider (install onnxruntime-gpu) -- use --device cpu")
+        providers.insert(0, "CUDAExecutionProvider")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # ORT's worker threads spin after each run by default, taking the cores from whatever runs next
+    # (interleaved PyTorch configurations measured 6-10x slower at batch 1); they sleep instead
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def load_torchscript(path: str | Path):
+    """A traced model (torch 2.9+ flags TorchScript as deprecated in favour of torch.export; it loads)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path))
+
+
+@torch.inference_mode()
+def parity(model, folder: Path, formats: Sequence[str], batch: int = 3) -> dict[str, float]:
+    """Max |logit difference| of each exported format against PyTorch fp32, on a batch size the
+    export did not trace with (so the dynamic batch axis is exercised)."""
+    x = example_input(model, batch, seed=1)
+    ref = model(x).float()
+    out: dict[str, float] = {}
+    if "onnx" in formats:
+        sess = ort_session(folder / FILES["onnx"])
+        got = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+        out["onnx"] = float((got - ref).abs().max())
+    if "torchscript" in formats:
+        ts = load_torchscript(folder / FILES["torchscript"])
+        out["torchscript"] = float((ts(x).float() - ref).abs().max())
+    return out
+
+
+def export_deploy(source: str | Path, out: str | Path, formats: Sequence[str] = FORMATS, opset: int = OPSET,
+                  tolerance: float = 1e-3, model=None) -> dict[str, Any]:
+    """``source`` (a checkpoint or run folder; or ``model``, an fp32 vitfab model) -> ``out``.
+
+    The folder appears complete or not at all. Fails (and writes nothing) where a format's logits
+    differ from PyTorch's by more than ``tolerance``.
+    """
+    from ..models import load_model
+    from ..models.checkpoint import write_checkpoint
+    from ..tome import tome_info
+
+    formats = parse_formats(formats)
+    if model is None:
+        model = load_model(source, "cpu")
+    model = model.float().eval()
+    meta = model.vitfab_meta
+    precision = meta.extra.get("precision", "fp32")
+    t0 = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        meta_dict = write_checkpoint(tmp, model, {"precision": precision})  # safetensors + meta.json
+        if "onnx" in formats:
+            export_onnx(model, tmp / FILES["onnx"], opset, {"vitfab": json.dumps(meta_dict)})
+        if "torchscript" in formats:
+            export_torchscript(model, tmp / FILES["torchscript"])
+        diffs = parity(model, tmp, formats)
+        bad = {k: v for k, v in diffs.items() if not v <= tolerance}
+        if bad:
+            raise VitfabError(f"export parity failed: max |logit difference| {bad} > {tolerance} against PyTorch fp32")
+        info = {
+            "format": DEPLOY_FORMAT, "source": str(source), "classes": list(meta.classes),
+            "preprocess": meta.preprocess.to_dict(), "model": {"name": meta.name, "kwargs": meta.kwargs},
+            "tome": tome_info(model), "precision": precision, "opset": opset if "onnx" in formats else None,
+            "files": {f: FILES[f] for f in ["safetensors", *formats] if f in FILES},
+            "parity_max_abs_diff": diffs, "parity_tolerance": tolerance, "torch": torch.__version__,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        write_json_atomic(tmp / DEPLOY_FILE, info)
+    return info
