@@ -92,6 +92,13 @@ def test_export_errors_leave_nothing(tmp_path, capsys):
     save_checkpoint(tmp_path / "ckpt", deit())
     code = main(["export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "d"), "--format", "tflite"])
     assert code == 2 and "--format" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("keep me")
+    code = main(["export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "run")])
+    assert code == 2 and "not a deploy folder" in capsys.readouterr().err
+    assert (tmp_path / "run" / "notes.txt").read_text() == "keep me"  # never replaced
+    code = main(["export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path)])
+    assert code == 2 and (tmp_path / "ckpt" / "model.safetensors").is_file()
     with pytest.raises(VitfabError, match="parity"):  # an impossible tolerance: the folder is not written
         export_deploy("x", tmp_path / "d2", ["onnx"], tolerance=-1.0, model=deit())
     assert not (tmp_path / "d2").exists()
@@ -146,7 +153,7 @@ def test_sweep_on_an_imagenet_layout_folder_resumes(imagenet_like, tmp_path, cap
     m = create_model("deit_tiny_patch16_224", img_size=32, patch_size=8)
     torch.save(m.state_dict(), tmp_path / "w.pth")
     args = ["sweep", "--model", "deit_tiny_patch16_224", "--weights", str(tmp_path / "w.pth"), "--img-size", "32",
-            "--patch-size", "8", "--data", str(imagenet_like), "--tome-r", "0,2,4", "--precision", "fp32,bf16", "--out",
+            "--patch-size", "8", "--data", str(imagenet_like), "--tome-r", "0,2,4", "--precision", "fp32,BF16", "--out",
             str(tmp_path / "sw"), "--repeats", "1", "--min-repeat-seconds", "0.02", "--json", "--no-progress"]
     assert main(args[:-2] + ["--tome-r", "0", "--no-progress"]) == 0  # a first, smaller sweep ...
     capsys.readouterr()

@@ -146,6 +146,10 @@ def test_distillation_losses(synth_small, tmp_path):
         else:
             want = 0.5 * ce + 0.5 * F.cross_entropy(out, t.argmax(-1))
         assert float(got) == pytest.approx(float(want), rel=1e-5)
+    from vitfab.train.loop import check_config
+
+    with pytest.raises(VitfabError, match="64 px"):  # a teacher of another input size, refused before any folder
+        check_config(TrainConfig(data=str(tiny_dataset), teacher=str(tmp_path / "teacher"), img_size=64))
     other = create_model("deit_tiny_patch16_224", classes=["a", "b", "c"], img_size=32, patch_size=8)
     save_checkpoint(tmp_path / "other", other)
     cfg = TrainConfig(data=str(tiny_dataset), teacher=str(tmp_path / "other"), amp="off", device="cpu")
@@ -303,6 +307,8 @@ def test_main_job_resumes_a_training_stage(tmp_path, monkeypatch):
     (["--tome-grid", "none,abc"], "ToMe"),
     (["--precisions", "fp8"], "precision"),
     (["--distill", "maybe"], "--distill"),
+    (["--space", "base"], "smallest subnet"),  # no base-space subnet is 10x below DeiT-B: said before training
+    (["--good-class", "flawless"], "--good-class"),
 ])
 def test_run_bad_input_is_one_line(args, msg, tmp_path, capsys):
     code = main(["run", "--out", str(tmp_path / "r"), "--no-progress", *args])

@@ -121,6 +121,18 @@ def parity(model, folder: Path, formats: Sequence[str], batch: int = 3) -> dict[
     return out
 
 
+def check_out(source: str | Path, out: str | Path) -> None:
+    """``out`` is replaced as a whole: refuse a folder that is not an earlier deploy folder (a run
+    folder, a home directory) and one that holds the source."""
+    out = Path(out).resolve()
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / DEPLOY_FILE).is_file()):
+            raise VitfabError(f"--out {out} exists and is not a deploy folder: it would be replaced; choose a new path")
+    src = Path(source).resolve()
+    if Path(source).exists() and (src == out or out in src.parents):
+        raise VitfabError(f"--out {out} holds the model being exported; choose another path")
+
+
 def export_deploy(source: str | Path, out: str | Path, formats: Sequence[str] = FORMATS, opset: int = OPSET,
                   tolerance: float = 1e-3, model=None) -> dict[str, Any]:
     """``source`` (a checkpoint or run folder; or ``model``, an fp32 vitfab model) -> ``out``.
@@ -133,6 +145,7 @@ def export_deploy(source: str | Path, out: str | Path, formats: Sequence[str] = 
     from ..tome import tome_info
 
     formats = parse_formats(formats)
+    check_out(source, out)
     if model is None:
         model = load_model(source, "cpu")
     model = model.float().eval()

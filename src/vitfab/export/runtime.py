@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -71,6 +73,8 @@ class OrtModel(torch.nn.Module):
         self.vitfab_precision = precision
         self.run_path = quantize_onnx_int8(self.path) if precision == "int8" else self.path
         self.session = ort_session(self.run_path, device)
+        if self.run_path != self.path:  # the quantised copy lives as long as the session needs it
+            weakref.finalize(self, shutil.rmtree, str(self.run_path.parent), True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {"images": x.detach().float().cpu().numpy()})[0]

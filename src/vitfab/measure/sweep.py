@@ -9,6 +9,7 @@ Throughput and batch-1 latency are then measured for all configurations interlea
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -58,8 +59,7 @@ class SweepConfig:
             raise VitfabError("--tome-r and --precision need at least one value each")
         for r in self.tome_r:
             parse_tome_spec(r)
-        for p in self.precisions:
-            parse_precision(p, allow_auto=False)
+        self.precisions = [parse_precision(p, allow_auto=False).value for p in self.precisions]
         if self.max_images is not None and self.max_images < 1:
             raise VitfabError("--max-images must be at least 1")
 
@@ -124,7 +124,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True) -> list[
         task = bar.add_task("sweep: accuracy", total=len(cfg.configs()), completed=len(cfg.configs()) - len(todo),
                             info=f"{len(samples)} images")
         for r, p in todo:
-            model = prepare_model(apply_token_merging(base, parse_tome_spec(r)), p, device)
+            model = prepare_model(apply_token_merging(copy.deepcopy(base), parse_tome_spec(r)), p, device)
             acc = validation_accuracy(model, loader, device, Precision(p))
             rec = {"key": config_key(r, p), "tome_r": r, "precision": p, "top1": acc, "images": len(samples)}
             with open(results_path, "a") as fh:  # one line per finished configuration: the resume point
@@ -152,7 +152,7 @@ def measure_speed(cfg: SweepConfig, base, records: list[dict[str, Any]], device:
     x = torch.randn(bs, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     models, macs = [], []
     for rec in records:
-        merged = apply_token_merging(base, parse_tome_spec(rec["tome_r"]))
+        merged = apply_token_merging(copy.deepcopy(base), parse_tome_spec(rec["tome_r"]))
         macs.append(count_macs(merged))
         models.append(prepare_model(merged, rec["precision"], device))
     with make_progress(progress) as bar, torch.inference_mode():

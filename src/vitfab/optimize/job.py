@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -231,6 +232,8 @@ class JointOptimizer:
             from ..progress import task
 
             data = str(self.run.root / "data")
+            if Path(data).exists():  # a synthesis cut short by a kill: the job's own folder, made anew
+                shutil.rmtree(data)
             synth = SynthConfig(n_per_class=c.n_per_class, img_size=c.img_size, seed=c.seed, difficulty=c.difficulty)
             with task("synthesising X-ray set", total=7 * c.n_per_class, enabled=self.progress) as adv:
                 meta = synthesize(data, synth, on_progress=adv)
@@ -441,7 +444,11 @@ class JointOptimizer:
         against PyTorch fp32 in ONNX Runtime."""
         from ..export import export_deploy
 
-        info = export_deploy(self.result("final")["checkpoint"], self.run.root / "deploy")
+        try:
+            info = export_deploy(self.result("final")["checkpoint"], self.run.root / "deploy")
+        except VitfabError as exc:  # the chosen checkpoint stands; the report says why there is no deploy/
+            console.print(f"[yellow]warning:[/yellow] export failed: {exc}")
+            return {"folder": None, "error": str(exc), "parity_max_abs_diff": {}}
         console.print("deploy/: " + ", ".join(f"{k} max |logit difference| {v:.1e}"
                                               for k, v in info["parity_max_abs_diff"].items()))
         return {"folder": str(self.run.root / "deploy"), "parity_max_abs_diff": info["parity_max_abs_diff"]}
@@ -554,18 +561,48 @@ def check_job(config: JobConfig) -> tuple[JobConfig, Split | None]:
     check_model_name(config.baseline_model)
     if config.baseline_weights and not Path(config.baseline_weights).is_file():
         raise VitfabError(f"--baseline-weights not found: {config.baseline_weights}")
+    from ..evaluate.metrics import find_good_class
+    from ..precision.modes import check_supported
+
+    for mode in config.precision_modes(device):
+        check_supported(mode, device)
+    check_space(config)
     split = None
     if config.data is not None:
         tc = config.train_config(config.data)
         check_config(tc)
         split = prepare_split(tc, True)
+        find_good_class(split.classes, config.good_class)
+    else:
+        from ..data.synth import CLASSES
+
+        find_good_class(CLASSES, config.good_class)
     return config, split
+
+
+def check_space(config: JobConfig) -> None:
+    """The search limits (the baseline's params and GMACs / --min-reduction) must admit the
+    space's smallest subnet: found out now, not after the baseline and the supernet trained."""
+    from ..models.arch import SearchSpace, arch_macs, arch_params
+    from ..models.factory import create_model
+
+    space = SearchSpace.load(config.space, config.img_size, config.patch_size)
+    base = create_model(config.baseline_model, num_classes=2, img_size=config.img_size, patch_size=config.patch_size)
+    b_params, b_macs = count_params(base), count_macs(base)
+    small = space.smallest()
+    s_params = arch_params(small, 2, space.img_size, space.patch_size, space.head_dim)
+    s_macs = arch_macs(small, space.img_size, space.patch_size, space.head_dim, 2)
+    if s_params > b_params / config.min_reduction or s_macs > b_macs / config.min_reduction:
+        raise VitfabError(f"--space {config.space}: its smallest subnet ({s_params / 1e6:.2f}M params, "
+                          f"{s_macs / 1e9:.3f} GMACs) is not {config.min_reduction:g}x below the baseline "
+                          f"({b_params / 1e6:.2f}M, {b_macs / 1e9:.3f} GMACs); lower --min-reduction or use a "
+                          f"smaller space")
 
 
 def run_job(config: JobConfig, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """A new main job (see the module doc); returns the summary."""
     config, split = check_job(config)
-    run = RunDir.create(out, prefix="run")
+    run = RunDir.create(Path(out).resolve() if out is not None else None, prefix="run")
     run.write_config({"kind": "main", "status": "running", "job": asdict(config)})
     console.print(f"run folder: {run.root}")
     return _finish(JointOptimizer(run, config, split, progress))

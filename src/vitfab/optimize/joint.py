@@ -122,9 +122,12 @@ def check_objective(objective: str, device: torch.device) -> None:
         raise VitfabError(f"--objective must be one of {', '.join(OBJECTIVES)}, got '{objective}'")
     if objective == "energy":
         try:
-            open_energy_counter(device)
+            counter = open_energy_counter(device)
         except EnergyUnavailable as exc:
             raise VitfabError(f"--objective energy needs an energy counter on {device.type}: {exc}") from None
+        close = getattr(counter, "close", None)
+        if close is not None:
+            close()
 
 
 def joint_search(

@@ -42,27 +42,31 @@ def _save(fig, path: Path) -> Path:
 AXIS_COLOURS = {0: "#444444", 1: "#1f77b4", 2: "#ff7f0e", 3: "#d62728"}
 
 
+OBJECTIVE_AXIS = {"throughput": ("img_per_s", "img/s"), "latency": ("latency_ms", "batch-1 latency, ms"),
+                  "energy": ("joules_per_img", "J/img")}
+
+
 def plot_pareto(candidates: Sequence[dict[str, Any]], front: Sequence[str], chosen: str | None,
-                rows: Sequence[dict[str, Any]], path: Path, threshold: float | None = None) -> Path:
-    """Left: the joint search on validation (every candidate, the front, the choice).
-    Right: the ablation rows on test, coloured by how many axes they use."""
+                rows: Sequence[dict[str, Any]], path: Path, threshold: float | None = None,
+                objective: str = "throughput") -> Path:
+    """Left: the joint search on validation against the objective's own metric (every candidate,
+    the front, the choice). Right: the ablation rows on test, coloured by how many axes they use."""
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
-    ok = [c for c in candidates if c.get("accuracy") is not None and c.get("img_per_s")]
+    key, label = OBJECTIVE_AXIS.get(objective, OBJECTIVE_AXIS["throughput"])
+    ok = [c for c in candidates if c.get("accuracy") is not None and c.get(key)]
     if ok:
-        a.scatter([c["img_per_s"] for c in ok], [100 * c["accuracy"] for c in ok], s=18, c="#9aa7b1",
-                  label="candidate")
-        fr = sorted((c for c in ok if c["key"] in front), key=lambda c: c["img_per_s"])
-        a.plot([c["img_per_s"] for c in fr], [100 * c["accuracy"] for c in fr], "-o", c="#1f77b4", ms=5,
+        a.scatter([c[key] for c in ok], [100 * c["accuracy"] for c in ok], s=18, c="#9aa7b1", label="candidate")
+        fr = sorted((c for c in ok if c["key"] in front), key=lambda c: c[key])
+        a.plot([c[key] for c in fr], [100 * c["accuracy"] for c in fr], "-o", c="#1f77b4", ms=5,
                label="Pareto front")
         for c in ok:
             if c["key"] == chosen:
-                a.scatter([c["img_per_s"]], [100 * c["accuracy"]], s=160, marker="*", c="#d62728", zorder=5,
-                          label="chosen")
+                a.scatter([c[key]], [100 * c["accuracy"]], s=160, marker="*", c="#d62728", zorder=5, label="chosen")
         if threshold is not None:
             a.axhline(100 * threshold, ls="--", c="#2ca02c", lw=1, label="requirement")
-        _log_x(a, [c["img_per_s"] for c in ok])
-    a.set_xlabel("img/s")
+        _log_x(a, [c[key] for c in ok])
+    a.set_xlabel(label + ("" if key == "img_per_s" else " (lower is better)"))
     a.set_ylabel("validation top-1 (%)")
     a.set_title("joint search: subnet x ToMe x precision")
     a.legend(fontsize=8)

@@ -216,6 +216,11 @@ class Trainer:
         if list(teacher.vitfab_meta.classes) != list(self.split.classes):
             raise VitfabError(f"the teacher {self.config.teacher} knows classes {teacher.vitfab_meta.classes}, "
                               f"this run {self.split.classes}")
+        t, s = teacher.vitfab_meta.preprocess, self.pre
+        if (t.img_size, tuple(t.mean), tuple(t.std)) != (s.img_size, tuple(s.mean), tuple(s.std)):
+            raise VitfabError(f"the teacher {self.config.teacher} takes {t.img_size} px images normalised with mean "
+                              f"{tuple(t.mean)}, this run feeds {s.img_size} px with mean {tuple(s.mean)}: "
+                              f"distil from a teacher trained at this run's size")
         for p in teacher.parameters():
             p.requires_grad_(False)
         return teacher
@@ -408,8 +413,14 @@ def check_config(config: TrainConfig) -> None:
     check_model_name(config.model)
     if config.weights and not Path(config.weights).is_file():
         raise VitfabError(f"weights file not found: {config.weights}")
-    if config.teacher and not Path(config.teacher).exists():
-        raise VitfabError(f"teacher checkpoint not found: {config.teacher}")
+    if config.teacher:
+        if not Path(config.teacher).exists():
+            raise VitfabError(f"teacher checkpoint not found: {config.teacher}")
+        from ..models.checkpoint import resolve_weights
+
+        size = read_meta(resolve_weights(Path(config.teacher))).preprocess.img_size
+        if config.img_size is not None and size != config.img_size:
+            raise VitfabError(f"the teacher {config.teacher} takes {size} px images, this run {config.img_size} px")
 
 
 def train(
