@@ -22,7 +22,8 @@ from ..measure.counts import count_macs, count_params
 from ..measure.energy import EnergyUnavailable, measure_energy, open_energy_counter
 from ..measure.timing import interleaved_latency, interleaved_throughput, median
 from ..nas.search import pareto_front
-from ..precision import Precision, PrecisionError, prepare_model, validation_accuracy
+from ..precision import Precision
+from ..precision.auto import prepared_accuracy
 from ..progress import make_progress
 from ..tome import ScheduleError, tome_info
 
@@ -173,12 +174,9 @@ def joint_search(
                                        info["r_per_layer"] if info else [], error=err)
                     cands.append(c)
                     if err is None:
-                        try:
-                            m = prepare_model(merged, p, device)
-                            c.accuracy = validation_accuracy(m, val_batches, device, p)
+                        m, c.accuracy, c.error = prepared_accuracy(merged, p, val_batches, device)
+                        if m is not None:
                             ready.append((c, m))
-                        except PrecisionError as exc:
-                            c.error = str(exc)
                     bar.update(t, advance=1, info=c.key)
         if ready:
             x = torch.randn(batch_size, 3, *val_batches.image_size, generator=torch.Generator().manual_seed(0))

@@ -83,6 +83,16 @@ def validation_accuracy(model: nn.Module, loader: DataLoader, device: torch.devi
     return float((logits.argmax(1) == targets).mean()) if len(targets) else 0.0
 
 
+def prepared_accuracy(model: nn.Module, precision: Precision, loader, device: torch.device):
+    """(the model prepared in ``precision``, its top-1 over ``loader``, None), or (None, None, the
+    reason) where the mode cannot run here or gives non-finite logits."""
+    try:
+        m = prepare_model(model, precision, device)
+        return m, validation_accuracy(m, loader, device, precision), None
+    except PrecisionError as exc:
+        return None, None, str(exc)
+
+
 def select_precision(
     model: nn.Module,
     loader: DataLoader,
@@ -106,12 +116,9 @@ def select_precision(
         for p in modes:
             trial = PrecisionTrial(p.value)
             trials.append(trial)
-            try:
-                m = prepare_model(model, p, device)
-                trial.accuracy = validation_accuracy(m, loader, device, p)
+            m, trial.accuracy, trial.error = prepared_accuracy(model, p, loader, device)
+            if m is not None:
                 runnable.append((trial, m))
-            except PrecisionError as exc:
-                trial.error = str(exc)
             advance(1, p.value)
     fns = [(lambda m=m: m(x)) for _, m in runnable]
     with task("precision: speed", total=repeats, enabled=progress) as advance, torch.inference_mode():
