@@ -164,7 +164,6 @@ class JointOptimizer:
         budget = config.budget_minutes
         self.budget = Budget.from_dict(self.state["budget"]) if "budget" in self.state else \
             Budget(budget * 60 if budget else None)
-        self.baseline_ips: float | None = self.state["plans"].get("baseline_ips")
 
     # ------------------------------------------------------------------ bookkeeping
     def save_state(self) -> None:
@@ -200,14 +199,15 @@ class JointOptimizer:
         return CachedBatches(make_eval_loader(self.split.root, self.split.subset(subset), pre, 64))
 
     def epochs_for(self, stage: str, nominal: int, model: torch.nn.Module, parts: int = 1,
-                   extra_per_image: float = 0.0) -> int:
-        """Epochs that fit the stage's share, from a measured training speed."""
+                   extra_per_image: float = 0.0) -> tuple[int, float | None]:
+        """Epochs that fit the stage's share, from a measured training speed; and that speed
+        (img/s; None without a budget, where nothing is probed)."""
         if self.budget.seconds is None:
-            return nominal
+            return nominal, None
         ips = probe_train_speed(model, min(self.config.batch_size, 16), self.config.img_size, self.device, self.amp)
         per = 1 / ips + extra_per_image
         sec = epoch_seconds(len(self.split.train), len(self.split.val), 1 / per)
-        return self.budget.epochs(stage, nominal, sec, parts)
+        return self.budget.epochs(stage, nominal, sec, parts), ips
 
     def train_stage(self, folder: Path, tc: TrainConfig, trainer: str = "train"):
         """Train into ``folder``, or continue it where an interrupted job left it."""
@@ -254,17 +254,11 @@ class JointOptimizer:
         pretrained = SCALES[c.scale]["pretrained"] and not c.baseline_weights
 
         def make():
-            tc = c.train_config(self.data, model=c.baseline_model, pretrained=pretrained, weights=c.baseline_weights)
-            model = build_model(dataclasses.replace(tc, pretrained=False, weights=None), self.split.classes)
-            ips = probe_train_speed(model, min(c.batch_size, 16), c.img_size, self.device, self.amp)
-            self.baseline_ips = ips
-            sec = epoch_seconds(len(self.split.train), len(self.split.val), ips)
-            epochs = self.budget.epochs("baseline", c.baseline_epochs, sec) if self.budget.seconds else c.baseline_epochs
+            tc = c.train_config(self.data, model=c.baseline_model)  # random weights: only the speed is probed
+            epochs, ips = self.epochs_for("baseline", c.baseline_epochs, build_model(tc, self.split.classes))
             return {"epochs": epochs, "baseline_ips": ips}
 
-        plan = self.plan("baseline", make)
-        self.state["plans"]["baseline_ips"] = self.baseline_ips = plan["baseline_ips"]
-        e = plan["epochs"]
+        e = self.plan("baseline", make)["epochs"]
         tc = c.train_config(self.data, model=c.baseline_model, pretrained=pretrained, weights=c.baseline_weights,
                             epochs=e, warmup_epochs=min(2.0, e / 5), lr=SCALES[c.scale]["baseline_lr"])
         res = self.train_stage(folder, tc)
@@ -285,7 +279,7 @@ class JointOptimizer:
         def make():
             net = build_supernet(SupernetConfig(space=c.space, **kw), self.split.classes, with_weights=False)
             net.set_arch(net.space.largest())
-            return {"epochs": self.epochs_for("supernet", c.supernet_epochs, net)}
+            return {"epochs": self.epochs_for("supernet", c.supernet_epochs, net)[0]}
 
         e = self.plan("supernet", make)["epochs"]
         res = self.train_stage(self.run.root / "supernet", SupernetConfig(space=c.space, epochs=e,
@@ -351,10 +345,11 @@ class JointOptimizer:
         def make():
             model = build_model(tc_for(jobs[0][1], None, 1), self.split.classes)
             kd_cost = 0.0
-            if c.distill != "none" and self.baseline_ips:  # the teacher's forward pass, ~1/3 of its training step
-                kd_cost = 1 / (3 * self.baseline_ips) / len(jobs)
+            baseline_ips = self.state["plans"]["baseline"].get("baseline_ips")
+            if c.distill != "none" and baseline_ips:  # the teacher's forward pass, ~1/3 of its training step
+                kd_cost = 1 / (3 * baseline_ips) / len(jobs)
             return {"epochs": self.epochs_for("finetune", c.finetune_epochs, model, parts=len(jobs),
-                                              extra_per_image=kd_cost)}
+                                              extra_per_image=kd_cost)[0]}
 
         e = self.plan("finetune", make)["epochs"]
         models = []
@@ -392,8 +387,8 @@ class JointOptimizer:
         console.print(f"joint search: {len(cands)} configurations, {len(front)} on the Pareto front; chosen "
                       f"{chosen.key} (val top-1 {100 * chosen.accuracy:.2f} %, {chosen.img_per_s:.0f} img/s)"
                       + ("" if met else " -- NO candidate meets the requirement: the most accurate is kept"))
-        return {"baseline_val_top1": base_acc, "baseline_warning": warning, "threshold": threshold, "requirement": c.requirement().describe(base_acc),
-                "requirement_met": met, "objective": c.objective, "precisions": [m.value for m in modes],
+        return {"baseline_val_top1": base_acc, "baseline_warning": warning, "threshold": threshold,
+                "requirement": c.requirement().describe(base_acc), "requirement_met": met, "objective": c.objective, "precisions": [m.value for m in modes],
                 "schedules": c.tome_schedules(), "chosen": chosen.to_dict(), "front": [x.key for x in front],
                 "candidates": str(out / "candidates.json")}
 
@@ -410,7 +405,7 @@ class JointOptimizer:
                                   distill=c.distill if teacher else "soft")
 
         def make():
-            return {"epochs": self.epochs_for("final", c.final_epochs, build_model(tc_for(1), self.split.classes))}
+            return {"epochs": self.epochs_for("final", c.final_epochs, build_model(tc_for(1), self.split.classes))[0]}
 
         e = self.plan("final", make)["epochs"]
         res = self.train_stage(self.run.root / "final", tc_for(e))

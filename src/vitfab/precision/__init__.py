@@ -24,6 +24,6 @@ from .modes import (
 __all__ = [
     "AUTO", "DEFAULT_TOLERANCE", "PRECISION_CHOICES", "Precision", "PrecisionChoice", "PrecisionError",
     "PrecisionTrial", "accuracy_table", "candidate_precisions", "check_finite", "choose_precision",
-    "parse_precision", "prepare_model", "quantize_linear_int8", "select_precision", "unsupported_reason", "useful_precisions",
-    "validation_accuracy",
+    "parse_precision", "prepare_model", "quantize_linear_int8", "select_precision", "unsupported_reason",
+    "useful_precisions", "validation_accuracy",
 ]
