@@ -299,6 +299,25 @@ def test_main_job_resumes_a_training_stage(tmp_path, monkeypatch):
     assert epochs == [0, 1] and summary["requirement_met"] is not None
 
 
+def test_main_job_fits_a_budget_and_says_what_it_cut(tmp_path):
+    """A 3-second budget: every training stage is cut to one epoch from a probed speed, the search
+    to its floor, and the report lists each cut."""
+    from vitfab.optimize import run_job
+
+    s = run_job(tiny_job(budget_minutes=0.05, baseline_epochs=3, supernet_epochs=3, finetune_epochs=2,
+                         final_epochs=2), out=tmp_path / "run", progress=False)
+    plans = json.loads((tmp_path / "run" / "state.json").read_text())["plans"]
+    assert plans["baseline"]["baseline_ips"] > 0
+    assert [plans[k]["epochs"] for k in ("baseline", "supernet", "finetune", "final")] == [1, 1, 1, 1]
+    assert plans["search"]["population"] >= 4 and plans["search"]["generations"] <= 3
+    cuts = s["budget"]["cuts"]
+    for prefix in ("baseline: 1 of 3 epochs", "supernet: 1 of 3 epochs", "finetune: 1 of 2", "final: 1 of 2",
+                   "search: population"):
+        assert any(c.startswith(prefix) for c in cuts), prefix
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert all(f"- cut: {c}" in md for c in cuts)
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--objective", "fastest"], "--objective"),
     (["--min-accuracy", "150"], "--min-accuracy"),
