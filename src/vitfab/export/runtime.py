@@ -85,17 +85,13 @@ def torch_twin(path: str | Path):
     """The PyTorch model of an export, for counting params and MACs: the deploy folder's weights
     where they lie beside the ONNX file, else the architecture rebuilt from the file's metadata
     (random weights; counts do not depend on them). ToMe applied as exported."""
-    from ..models import create_model, load_model
-    from ..models.checkpoint import apply_recorded_tome
+    from ..models import load_model
+    from ..models.checkpoint import model_from_meta
 
     p = onnx_file(path)
     if (p.parent / FILES["safetensors"]).is_file() and (p.parent / DEPLOY_FILE).is_file():
         return load_model(p.parent)
-    meta = onnx_meta(p)
-    kwargs = {k: v for k, v in meta.kwargs.items() if k != "num_classes"}
-    model = create_model(meta.name, classes=meta.classes, **kwargs).eval()
-    model.vitfab_meta = meta
-    return apply_recorded_tome(model, meta)
+    return model_from_meta(onnx_meta(p))
 
 
 def load_deployed(path: str | Path, runtime: str = "torch", device: str | torch.device = "cpu",

@@ -110,6 +110,17 @@ def apply_recorded_tome(model: VisionTransformer, meta: ModelMeta) -> VisionTran
     return model
 
 
+def model_from_meta(meta: ModelMeta, weights: str | Path | None = None) -> VisionTransformer:
+    """The model ``meta`` describes (eval mode, ``vitfab_meta`` set, saved ToMe schedule applied),
+    with ``weights``, or random weights where None (enough to count params and MACs)."""
+    from .factory import create_model
+
+    kwargs = {k: v for k, v in meta.kwargs.items() if k != "num_classes"}
+    model = create_model(meta.name, classes=meta.classes, weights=weights, **kwargs)
+    model.vitfab_meta = meta
+    return apply_recorded_tome(model, meta).eval()
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", precision: str | None = None) -> VisionTransformer:
     """Rebuild a model saved by vitfab; eval mode, ``model.vitfab_meta`` set, ToMe re-applied.
 
@@ -117,16 +128,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", precision: 
     in it; ``"recorded"`` uses the mode saved with the checkpoint (``vitfab run``'s choice), or
     fp32 where none was saved or the recorded mode cannot run on ``device`` (with a note).
     """
-    from .factory import create_model
-
     weights = resolve_weights(Path(path))
     meta = read_meta(weights)
-    kwargs = dict(meta.kwargs)
-    kwargs.pop("num_classes", None)
-    model = create_model(meta.name, classes=meta.classes, weights=weights, **kwargs)
-    model.vitfab_meta = meta
-    apply_recorded_tome(model, meta)
-    model = model.to(device).eval()
+    model = model_from_meta(meta, weights).to(device)
     if precision is None:
         return model
     from ..precision import prepare_model, unsupported_reason

@@ -40,7 +40,7 @@ from ..evaluate.runner import CachedBatches, collect_logits, make_eval_loader, p
 from ..files import read_json, write_json_atomic
 from ..measure.bench import DEFAULT_BATCH, apply_token_merging, parse_tome_spec
 from ..measure.counts import count_macs, count_params
-from ..models.checkpoint import load_model, save_checkpoint
+from ..models.checkpoint import load_model, read_meta, resolve_weights, save_checkpoint
 from ..precision import Precision, parse_precision, prepare_model, useful_precisions, validation_accuracy
 from ..progress import console
 from ..rundir import RunDir
@@ -461,7 +461,7 @@ class JointOptimizer:
         rows = ablation_rows(self.result("baseline")["checkpoint"], subnet, final["checkpoint"], chosen.tome,
                              chosen.precision, c.precision_modes(self.device), self.device, default_tome,
                              self.baseline_name)
-        test = self.loader("test", load_model(final["checkpoint"]).vitfab_meta.preprocess)
+        test = self.loader("test", read_meta(resolve_weights(Path(final["checkpoint"]))).preprocess)
         small = self.budget.seconds is not None
         seconds = c.measure_seconds if c.measure_seconds is not None else (0.5 if small else 1.0)
         records = measure_ablation(rows, test, self.device, c.good_class, repeats=3 if small else 5,
@@ -482,10 +482,8 @@ class JointOptimizer:
         from ..measure.bench import BenchConfig, benchmark
         from ..models import create_model
 
-        src = load_model(chosen.checkpoint)
-        m = create_model(src.vitfab_meta.name, classes=src.vitfab_meta.classes, img_size=224, patch_size=16,
-                         **{k: v for k, v in src.vitfab_meta.kwargs.items()
-                            if k not in ("num_classes", "img_size", "patch_size", "drop_path_rate")})
+        arch = checkpoint_model_args(chosen.checkpoint)  # the architecture alone, not its weights
+        m = create_model(arch["model"], classes=self.split.classes, img_size=224, patch_size=16, **arch["model_args"])
         folder = self.run.root / "ablation" / "chosen-arch-224"
         save_checkpoint(folder, m, {"note": "random weights; for speed only"})
         cfgs = [BenchConfig(model=BASELINE, img_size=224, label="DeiT-B/16 fp32 @224"),
