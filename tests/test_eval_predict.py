@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from vitfab.cli import main
-from vitfab.models import create_model, load_model
+from vitfab.models import create_model
+from vitfab.runtimes import load_model
 from vitfab.train import TrainConfig, train
 
 from conftest import TINY, write_image

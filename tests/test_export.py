@@ -13,8 +13,9 @@ import torch
 from vitfab import tome
 from vitfab.cli import main
 from vitfab.errors import VitfabError
-from vitfab.export import export_deploy, load_deployed, onnx_meta
-from vitfab.export.deploy import load_torchscript
+from vitfab.export import export_deploy
+from vitfab.runtimes import load_deployed, onnx_meta
+from vitfab.runtimes import load_torchscript
 from vitfab.models import create_model, save_checkpoint
 
 CLASSES = ["bridge", "crack", "good", "void"]
@@ -70,7 +71,7 @@ def test_onnx_and_torchscript_parity_with_tome_inside(name, schedule, tmp_path):
 
 
 def test_deploy_folder_is_a_checkpoint_and_records_everything(tmp_path):
-    from vitfab.models import load_model
+    from vitfab.runtimes import load_model
 
     model = tome.apply(deit(), "macs=0.5")
     save_checkpoint(tmp_path / "ckpt", model, {"precision": "int8"})
@@ -123,7 +124,7 @@ def test_predict_with_both_runtimes_agrees(tmp_path, make_folder):
 
 
 def test_bench_compares_pytorch_and_onnxruntime_in_one_run(tmp_path):
-    from vitfab.measure.bench import BenchConfig, benchmark
+    from vitfab.measure.bench import BenchConfig, BenchOptions, benchmark
 
     export_deploy("x", tmp_path / "deploy", model=tome.apply(deit(), "macs=0.5"))
     d = str(tmp_path / "deploy")
@@ -131,7 +132,8 @@ def test_bench_compares_pytorch_and_onnxruntime_in_one_run(tmp_path):
                                                                        tome_r="recorded"),
             BenchConfig(checkpoint=d, runtime="onnxruntime"), BenchConfig(checkpoint=d + "/model.onnx",
                                                                           precision="int8")]
-    ms = benchmark(cfgs, "cpu", repeats=2, min_repeat_seconds=0.05, latency_runs=3, energy=False, progress=False)
+    ms = benchmark(cfgs, BenchOptions("cpu", repeats=2, min_repeat_seconds=0.05, latency_runs=3, energy=False),
+                   progress=False)
     assert ["onnxruntime" in m.label for m in ms] == [False, False, True, True]
     assert len({m.macs for m in ms}) == 1 and len({m.params for m in ms}) == 1  # same graph, ToMe in all four
     assert all(m.tome and m.tome["spec"] == "macs=0.5" for m in ms)

@@ -6,7 +6,8 @@ from safetensors.torch import save_file
 
 import vitfab
 from vitfab.errors import CheckpointError, VitfabError
-from vitfab.models import create_model, load_model, save_checkpoint
+from vitfab.models import create_model, save_checkpoint
+from vitfab.runtimes import load_model
 
 ARCH = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
 

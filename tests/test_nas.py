@@ -13,7 +13,8 @@ import yaml
 
 from vitfab import tome
 from vitfab.measure import count_macs, count_params
-from vitfab.models import create_model, load_model, save_checkpoint
+from vitfab.models import create_model, save_checkpoint
+from vitfab.runtimes import load_model
 from vitfab.models.arch import ArchConfig, SearchSpace, SpaceError, arch_macs, arch_params, load_arch, save_arch
 from vitfab.models.supernet import Supernet
 from vitfab.models.weights import read_state_dict

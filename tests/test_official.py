@@ -12,7 +12,8 @@ import yaml
 from vitfab import tome
 from vitfab.errors import CheckpointError
 from vitfab.measure import count_macs, count_params
-from vitfab.models import create_model, load_model
+from vitfab.models import create_model
+from vitfab.runtimes import load_model
 from vitfab.models.arch import ArchConfig
 from vitfab.models.weights import load_weights
 from vitfab.nas import extract_subnet, load_official_autoformer, published_arch

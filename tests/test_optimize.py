@@ -13,8 +13,10 @@ import torch.nn.functional as F
 
 from vitfab.cli import main
 from vitfab.errors import VitfabError
-from vitfab.optimize import Budget, JobConfig, JointCandidate, Requirement, ablation_rows, choose, joint_front
-from vitfab.optimize.budget import STAGE_WEIGHTS, search_size
+from vitfab.optimize import PIPELINE, Budget, JobConfig, JointCandidate, Requirement, ablation_rows, choose, joint_front
+from vitfab.optimize.budget import search_size
+
+WEIGHTS = {s.name: s.weight for s in PIPELINE}
 from vitfab.precision import Precision
 
 
@@ -68,8 +70,8 @@ def test_candidate_round_trip():
 
 # --------------------------------------------------------------------------- the budget
 def test_budget_shares_and_cuts():
-    b = Budget(1000.0)
-    total = sum(STAGE_WEIGHTS.values())
+    b = Budget(1000.0, WEIGHTS)
+    total = sum(WEIGHTS.values())
     assert b.share("baseline") == pytest.approx(1000 * 3.0 / total)
     b.finish("data", 400.0)  # a stage that overran leaves less to the rest
     assert b.share("baseline") == pytest.approx(600 * 3.0 / (total - 0.05))
@@ -77,17 +79,17 @@ def test_budget_shares_and_cuts():
     assert n == int(b.share("baseline") // 50) and n < 16 and any("baseline" in c for c in b.cuts)
     assert b.epochs("baseline", 16, epoch_seconds=1e6) == 1  # never below one epoch
     assert b.epochs("baseline", 3, epoch_seconds=0.01) == 3  # never above nominal
-    assert Budget(None).epochs("baseline", 16, 1e9) == 16 and Budget(None).share("baseline") is None
-    assert Budget.from_dict(b.to_dict()) == b
+    assert Budget(None, WEIGHTS).epochs("baseline", 16, 1e9) == 16 and Budget(None, WEIGHTS).share("baseline") is None
+    assert Budget.from_dict(b.to_dict(), WEIGHTS) == b
 
 
 def test_search_size_fits_the_share():
-    b = Budget(100.0)
+    b = Budget(100.0, WEIGHTS)
     assert search_size(None, 1.0, 16, 6, b) == (16, 6)
     assert search_size(1000.0, 1.0, 16, 6, b) == (16, 6) and not b.cuts
     pop, gens = search_size(50.0, 1.0, 16, 6, b)
     assert pop * gens <= 51 and gens >= 3 and b.cuts
-    assert search_size(1.0, 1.0, 16, 6, Budget(1.0))[0] >= 4
+    assert search_size(1.0, 1.0, 16, 6, Budget(1.0, WEIGHTS))[0] >= 4
 
 
 # --------------------------------------------------------------------------- ablation rows
@@ -190,7 +192,7 @@ def test_main_job_writes_the_evidence(job_run):
     s = json.loads((out / "summary.json").read_text())
     assert s["device"]["type"] == "cpu" and s["device"]["threads"] >= 1
     assert s["chosen"]["precision"] in ("fp32", "bf16", "int8") and "tome" in s["chosen"]
-    assert len(s["ablation"]) >= 8 and s["baseline"]["speedup"] == 1.0
+    assert len(s["ablation"]) >= 8 and s["ablation"][0]["speedup"] == 1.0
     for row in s["ablation"]:
         for k in SUMMARY_FIELDS:
             assert k in row, k
@@ -215,22 +217,21 @@ def test_chosen_checkpoint_reproduces_its_test_metrics(job_run):
     from vitfab.data.split import Split
     from vitfab.evaluate.metrics import classification_metrics
     from vitfab.evaluate.runner import collect_logits, make_eval_loader
-    from vitfab.models import load_model
+    from vitfab.runtimes import load_model
     from vitfab.tome import tome_info
 
     out, summary = job_run
     meta = json.loads((out / "chosen" / "meta.json").read_text())
-    assert meta["precision"] == summary["chosen"]["precision"]
+    assert meta["precision"] == summary.chosen.precision
     model = load_model(out / "chosen", "cpu", precision="recorded")
-    if summary["chosen"]["tome"]:
-        assert tome_info(model)["r_per_layer"] == summary["chosen"]["r_per_layer"]
+    if summary.chosen.tome:
+        assert tome_info(model)["r_per_layer"] == summary.chosen.r_per_layer
     split = Split.load(out / "split.json")
     logits, targets = collect_logits(model, make_eval_loader(split.root, split.test, model.vitfab_meta.preprocess),
                                      torch.device("cpu"), progress=False)
     m = classification_metrics(logits, targets, split.classes)
-    assert m["top1"] == pytest.approx(summary["chosen"]["test"]["top1"])
-    chosen_row = next(r for r in summary["ablation"] if r["chosen"])
-    assert chosen_row["params"] == summary["chosen"]["params"]
+    assert m["top1"] == pytest.approx(summary.chosen.test.top1)
+    assert summary.chosen_row.params == summary.chosen.params
 
 
 def test_predict_runs_the_chosen_model(job_run, tmp_path, capsys):
@@ -239,7 +240,7 @@ def test_predict_runs_the_chosen_model(job_run, tmp_path, capsys):
                  str(tmp_path / "p.csv"), "--no-progress", "--device", "cpu"])
     assert code == 0
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
-    assert len(rows) == 8 and all(r["class"] in summary["stage_results"]["data"]["classes"] for r in rows)
+    assert len(rows) == 8 and all(r["class"] in summary.data.classes for r in rows)
     for rt, prec in (("onnxruntime", "recorded"), ("torch", "fp32")):  # the deploy folder, both runtimes, fp32
         assert main(["predict", "--model", str(out / "deploy"), "--runtime", rt, "--precision", prec, "--input",
                      str(out / "data" / "void"), "--out", str(tmp_path / f"{rt}.csv"), "--no-progress"]) == 0
@@ -250,18 +251,21 @@ def test_predict_runs_the_chosen_model(job_run, tmp_path, capsys):
 
 def test_main_job_resumes_after_an_interruption(job_run, tmp_path, monkeypatch):
     """Killed in the joint stage: the resumed job keeps the finished stages and completes."""
-    from vitfab.optimize import JointOptimizer, resume_job, run_job
+    import dataclasses
+
+    from vitfab.optimize import job, resume_job, run_job
 
     calls = {"n": 0}
-    real = JointOptimizer.stage_joint
+    real = next(s for s in PIPELINE if s.name == "joint").run
 
-    def boom(self):
+    def boom(ctx, **results):
         calls["n"] += 1
         if calls["n"] == 1:
             raise KeyboardInterrupt
-        return real(self)
+        return real(ctx, **results)
 
-    monkeypatch.setattr(JointOptimizer, "stage_joint", boom)
+    monkeypatch.setattr(job, "PIPELINE", tuple(dataclasses.replace(s, run=boom) if s.name == "joint" else s
+                                               for s in PIPELINE))
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run_job(tiny_job(), out=out, progress=False)
@@ -269,7 +273,7 @@ def test_main_job_resumes_after_an_interruption(job_run, tmp_path, monkeypatch):
     assert set(state["stages"]) == {"data", "baseline", "supernet", "search", "finetune"}
     best = (out / "baseline" / "checkpoints" / "best" / "model.safetensors").read_bytes()
     summary = resume_job(out, progress=False)
-    assert calls["n"] == 2 and summary["chosen"]["checkpoint"]
+    assert calls["n"] == 2 and summary.chosen.checkpoint
     assert (out / "baseline" / "checkpoints" / "best" / "model.safetensors").read_bytes() == best  # not retrained
     state2 = json.loads((out / "state.json").read_text())
     for k in state["stages"]:
@@ -296,7 +300,7 @@ def test_main_job_resumes_a_training_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(nas_train.SupernetTrainer, "save_epoch", real)
     summary = resume_job(out, progress=False)
     epochs = [json.loads(line)["epoch"] for line in (out / "supernet" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1] and summary["requirement_met"] is not None
+    assert epochs == [0, 1] and summary.requirement_met is not None
 
 
 def test_main_job_fits_a_budget_and_says_what_it_cut(tmp_path):
@@ -310,7 +314,7 @@ def test_main_job_fits_a_budget_and_says_what_it_cut(tmp_path):
     assert plans["baseline"]["baseline_ips"] > 0
     assert [plans[k]["epochs"] for k in ("baseline", "supernet", "finetune", "final")] == [1, 1, 1, 1]
     assert plans["search"]["population"] >= 4 and plans["search"]["generations"] <= 3
-    cuts = s["budget"]["cuts"]
+    cuts = s.budget.cuts
     for prefix in ("baseline: 1 of 3 epochs", "supernet: 1 of 3 epochs", "finetune: 1 of 2", "final: 1 of 2",
                    "search: population"):
         assert any(c.startswith(prefix) for c in cuts), prefix
@@ -365,7 +369,7 @@ def test_markdown_to_html():
 
     md = "# T\n\npara **b** `c`\n\n- one\n- two\n\n| a | b |\n|---|---|\n| 1 | <2> |\n\n![fig](x.png)\n"
     h = markdown_to_html(md, "t")
-    assert "<h1>T</h1>" in h and "<b>b</b>" in h and "<code>c</code>" in h
-    assert "<ul><li>one</li><li>two</li></ul>" in h
-    assert "<tr><td>1</td><td>&lt;2&gt;</td></tr>" in h and "<th>a</th>" in h and "---" not in h
-    assert '<img alt="fig" src="x.png"' in h
+    assert "<h1>T</h1>" in h and "<strong>b</strong>" in h and "<code>c</code>" in h
+    assert "<li>one</li>" in h and "<li>two</li>" in h and h.index("<ul>") < h.index("<li>one</li>")
+    assert "<td>&lt;2&gt;</td>" in h and "<th>a</th>" in h and "---" not in h  # raw HTML in the text is escaped
+    assert '<img src="x.png" alt="fig"' in h

@@ -15,9 +15,9 @@ from vitfab.precision import (
     choose_precision,
     parse_precision,
     prepare_model,
-    select_precision,
     unsupported_reason,
 )
+from vitfab.measure import select_precision
 
 CPU = torch.device("cpu")
 

@@ -10,7 +10,8 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from vitfab import tome
-from vitfab.models import create_model, load_model
+from vitfab.models import create_model
+from vitfab.runtimes import load_model
 from vitfab.models.checkpoint import save_checkpoint
 from vitfab.tome import Schedule, ScheduleError, ToMeError, bipartite_soft_matching, merge_source, merge_wavg
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from vitfab.data.synth import SynthConfig, synthesize
-from vitfab.models import load_model
+from vitfab.runtimes import load_model
 from vitfab.train import TrainConfig, resume, train
 from vitfab.train.loop import warmup_cosine
 

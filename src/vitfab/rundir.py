@@ -1,4 +1,16 @@
-"""``RunDir``: one run folder — config, split, metrics, checkpoints — with atomic writes."""
+"""``RunDir``: vitfab's folders on disk -- their layout, their kinds, atomic writes.
+
+Kinds of folder (``kind_of``):
+- ``train``: a training run (``vitfab train`` / ``vitfab nas train``): config.json, split.json,
+  metrics.jsonl, checkpoints/best and checkpoints/last, eval/;
+- ``main``: a main-job run (``vitfab run``): config.json, state.json, split.json, one folder per
+  stage, chosen/, deploy/, report/, summary.json;
+- ``checkpoint``: model.safetensors (metadata embedded) + meta.json;
+- ``deploy``: an exported model (``vitfab export``): a checkpoint plus deploy.json, model.onnx,
+  model.ts;
+- ``onnx`` / ``weights``: a single .onnx or .safetensors file.
+This module alone knows those names; everything else asks it.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +20,61 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import VitfabError
+from .errors import CheckpointError, VitfabError
 from .files import existing_dir, read_json, write_json_atomic, write_text_atomic
+
+WEIGHTS_FILE, META_FILE, TRAIN_STATE_FILE = "model.safetensors", "meta.json", "train_state.pt"
+DEPLOY_FILE, ONNX_FILE, TORCHSCRIPT_FILE = "deploy.json", "model.onnx", "model.ts"
+CONFIG_FILE, SPLIT_FILE, METRICS_FILE = "config.json", "split.json", "metrics.jsonl"
+JOB_STATE_FILE, SUMMARY_FILE = "state.json", "summary.json"
+KINDS = ("train", "main", "checkpoint", "deploy", "onnx", "weights")
+
+
+def kind_of(path: str | Path) -> str | None:
+    """What ``path`` is (one of ``KINDS``), or None where it is none of them."""
+    p = Path(path)
+    if p.is_file():
+        return {".onnx": "onnx", ".safetensors": "weights"}.get(p.suffix)
+    if not p.is_dir():
+        return None
+    if (p / DEPLOY_FILE).is_file():
+        return "deploy"
+    if (p / CONFIG_FILE).is_file():
+        if (p / JOB_STATE_FILE).is_file():
+            return "main"
+        if (p / "checkpoints").is_dir():
+            return "train"
+    if (p / WEIGHTS_FILE).is_file():
+        return "checkpoint"
+    return None
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A training run, main-job run (its chosen model), checkpoint or deploy folder, or a
+    ``.safetensors`` file -> the weights file to read."""
+    path = Path(path)
+    kind = kind_of(path)
+    if kind in ("weights", "onnx") or path.is_file():
+        return path
+    if kind == "train":
+        run = RunDir(path)
+        found = existing_dir(run.checkpoint("best")) or existing_dir(run.checkpoint("last"))
+        if found is None:
+            raise CheckpointError(f"run folder {path} has no checkpoint yet")
+        return found / WEIGHTS_FILE
+    if kind == "main":
+        chosen = existing_dir(RunDir(path).chosen)
+        if chosen is None:
+            raise CheckpointError(f"main-job run {path} has not chosen a model yet (resume it with vitfab run --resume)")
+        return chosen / WEIGHTS_FILE
+    if kind in ("checkpoint", "deploy"):
+        return path / WEIGHTS_FILE
+    if path.is_dir():
+        raise CheckpointError(f"{path} holds no {WEIGHTS_FILE}: not a vitfab checkpoint or run folder")
+    found = existing_dir(path)  # a checkpoint folder caught mid-swap
+    if found is not None:
+        return resolve_weights(found)
+    raise CheckpointError(f"checkpoint not found: {path}")
 
 
 @dataclass(frozen=True)
@@ -19,18 +84,18 @@ class RunDir:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
-    # --- layout -------------------------------------------------------------------------
+    # --- layout of every run -------------------------------------------------------------
     @property
     def config_path(self) -> Path:
-        return self.root / "config.json"
+        return self.root / CONFIG_FILE
 
     @property
     def split_path(self) -> Path:
-        return self.root / "split.json"
+        return self.root / SPLIT_FILE
 
     @property
     def metrics_path(self) -> Path:
-        return self.root / "metrics.jsonl"
+        return self.root / METRICS_FILE
 
     @property
     def eval_dir(self) -> Path:
@@ -39,6 +104,35 @@ class RunDir:
     def checkpoint(self, which: str) -> Path:
         """``best`` or ``last``: a folder with ``model.safetensors`` and ``meta.json``."""
         return self.root / "checkpoints" / which
+
+    # --- layout of a main-job run ----------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.root / JOB_STATE_FILE
+
+    @property
+    def summary_path(self) -> Path:
+        return self.root / SUMMARY_FILE
+
+    def stage_dir(self, stage: str) -> Path:
+        """Where a stage of the main job writes (``baseline``, ``supernet``, ``search``, ...)."""
+        return self.root / stage
+
+    @property
+    def chosen(self) -> Path:
+        return self.root / "chosen"
+
+    @property
+    def deploy(self) -> Path:
+        return self.root / "deploy"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def kind(self) -> str | None:
+        return kind_of(self.root)
 
     # --- creation and lookup ------------------------------------------------------------
     @classmethod
@@ -79,6 +173,11 @@ class RunDir:
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_json_atomic(self.config_path, config)
+
+    def set_status(self, status: str) -> None:
+        cfg = self.read_config()
+        cfg["status"] = status
+        self.write_config(cfg)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as fh:

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
+from ..progress import console, task
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SKIP_HINT = "use --skip-bad-images to skip such files"
@@ -167,8 +168,6 @@ def report_skipped(skipped: list[tuple[str, str]]) -> None:
     """The warning that lists the images ``--skip-bad-images`` left out."""
     if not skipped:
         return
-    from ..progress import console
-
     console.print(f"[yellow]warning:[/] skipped {len(skipped)} unreadable image(s):")
     for path, reason in skipped:
         console.print(f"  {path}: {reason}", highlight=False, markup=False)
@@ -178,8 +177,6 @@ def scan_checked(
     root: str | Path, skip_bad: bool = False, progress: bool = True, classes: list[str] | None = None
 ) -> ImageFolderIndex:
     """:func:`scan_image_folder` with a progress bar and the skipped-images warning."""
-    from ..progress import task
-
     with task("checking images", total=count_images(root), enabled=progress) as advance:
         index = scan_image_folder(root, skip_bad=skip_bad, on_progress=advance, classes=classes)
     report_skipped(index.skipped)

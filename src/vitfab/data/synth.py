@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +39,7 @@ from PIL import Image
 
 from ..errors import DataError
 from ..files import write_json_atomic
+from ..options import option
 
 CLASSES = ("good", "void", "bridge", "missing_ball", "misaligned", "non_wet", "crack")
 CHANNELS = ("substrate_side", "ball_mid_plane", "die_side")
@@ -49,11 +50,11 @@ A_PAD, A_BALL, A_DIE, A_TRACE = 1.1, 1.6, 1.2, 0.35
 
 @dataclass(frozen=True)
 class SynthConfig:
-    n_per_class: int = 300
-    img_size: int = 64
-    seed: int = 0
-    difficulty: float = 0.5
-    classes: tuple[str, ...] = CLASSES
+    n_per_class: int = option(300, help="Images per class.")
+    img_size: int = option(64, help="Image side in pixels.")
+    seed: int = option(0, help="Seed: the same seed gives the same pixels.")
+    difficulty: float = option(0.5, help="0 = blatant defects, 1 = subtle and noisy.")
+    classes: tuple[str, ...] = option(CLASSES, help="Classes to render.", cli=False)
 
     def __post_init__(self) -> None:
         if self.n_per_class < 1:
@@ -90,20 +91,158 @@ def _segment_distance(px, py, ax, ay, bx, by):
     return np.hypot(px - (ax + t * vx), py - (ay + t * vy))
 
 
-def render_bga(label: str, rng: np.random.Generator, size: int, difficulty: float, noise: bool = True):
-    """One image as a float array (3, size, size) in [0, 1] and a dict describing it.
+@dataclass
+class Scene:
+    """One image being rendered: the ball grid, its slices, and which joints carry the defect."""
 
-    The scene (grid, nuisances, noise) draws from ``rng``, the defect from a generator split
-    off at the start, so the same ``rng`` state gives the same scene for every label: a
-    defect image differs from its good twin only where the defect is. ``noise=False`` leaves
-    out the Poisson noise (for tests of exactly that).
-    """
+    size: int
+    difficulty: float
+    rng: np.random.Generator  # the scene's draws (grid, nuisances, noise): the same for every label
+    defect_rng: np.random.Generator  # the defect's draws
+    pitch: float
+    radius: float
+    theta: float
+    pos: np.ndarray  # (n, 2) pad centres
+    radii: np.ndarray
+    xx: np.ndarray
+    yy: np.ndarray
+    ks: list[int] = field(default_factory=list)  # the defective joints
+    info: dict = field(default_factory=dict)
+    pos_ball: np.ndarray | None = None  # ball centres in slices 1-2 (a misplaced component moves them)
+    scale_ball: np.ndarray | None = None  # ball present (1) / missing (0) in slices 1-2
+    d_pad: np.ndarray | None = None  # (n, size, size) distances to the pad centres
+    d_ball: np.ndarray | None = None  # ... and to the ball centres
+    pads: np.ndarray | None = None  # (n, size, size) attenuation per joint and slice
+    balls: np.ndarray | None = None
+    dies: np.ndarray | None = None
+    att: np.ndarray | None = None  # (3, size, size) the slices' total attenuation
+
+    @property
+    def s(self) -> float:
+        return self.size / 64.0  # pixel scale relative to a 64 px image
+
+    @property
+    def edge(self) -> float:
+        return 0.6 * self.s
+
+    @property
+    def n(self) -> int:
+        return len(self.pos)
+
+    def distances(self, centres: np.ndarray) -> np.ndarray:
+        """(n, size, size) distance of every pixel to each of n centres."""
+        axis = self.xx[0]
+        dx2 = (axis[None, None, :] - centres[:, 0, None, None]) ** 2
+        dy2 = (axis[None, :, None] - centres[:, 1, None, None]) ** 2
+        return np.sqrt(dx2 + dy2)
+
+    def segment(self, a, b) -> np.ndarray:
+        return _segment_distance(self.xx, self.yy, *a, *b)
+
+
+class Defect:
+    """A defect class: hooks called at three points of the rendering (none by default)."""
+
+    moves_balls = False  # the ball centres differ from the pad centres
+
+    def place(self, sc: Scene) -> None:
+        """Before the slices are drawn: change the grid (ball positions, presence)."""
+
+    def substrate(self, sc: Scene) -> None:
+        """The per-joint slices exist (``sc.pads``, ``sc.balls``, ``sc.dies``): change them."""
+
+    def joint(self, sc: Scene, k: int) -> None:
+        """Once per defective joint ``k``, after the nuisances: change ``sc.att``."""
+
+
+DEFECTS: dict[str, Defect] = {}
+
+
+def defect(name: str):
+    def register(cls):
+        DEFECTS[name] = cls()
+        return cls
+
+    return register
+
+
+@defect("good")
+class Good(Defect):
+    pass
+
+
+@defect("missing_ball")
+class MissingBall(Defect):
+    def place(self, sc: Scene) -> None:
+        residue = _lerp(0.0, 0.3, sc.difficulty)
+        sc.scale_ball[sc.ks] = residue
+        sc.info["residue"] = round(residue, 3)
+
+
+@defect("misaligned")
+class Misaligned(Defect):
+    """Component placement error: every ball sits off its pad by the same offset."""
+
+    moves_balls = True
+
+    def place(self, sc: Scene) -> None:
+        shift = sc.radius * _lerp(0.55, 0.22, sc.difficulty)
+        phi = sc.defect_rng.uniform(0, 2 * np.pi)
+        sc.pos_ball += shift * np.array([np.cos(phi), np.sin(phi)])
+        sc.info["shift_px"] = round(float(shift), 2)
+
+
+@defect("non_wet")
+class NonWet(Defect):
+    """Head-in-pillow: in the substrate slice the ball rests on the paste without merging: a
+    bright gap ring separates the inner contact from the pad's rim."""
+
+    def substrate(self, sc: Scene) -> None:
+        gap = _lerp(0.75, 0.4, sc.difficulty)
+        ring_w = _lerp(1.3, 0.8, sc.difficulty) * sc.s
+        for k in sc.ks:
+            ring = np.exp(-0.5 * ((sc.d_pad[k] - 0.55 * sc.radii[k]) / ring_w) ** 2)
+            sc.pads[k] *= 1 - gap * ring
+        sc.info["gap"] = round(gap, 3)
+
+
+@defect("void")
+class Void(Defect):
+    def joint(self, sc: Scene, k: int) -> None:
+        d, rng = sc.difficulty, sc.defect_rng
+        vr = sc.radii[k] * _lerp(0.5, 0.26, d) * rng.uniform(0.9, 1.1)
+        off = rng.uniform(-1, 1, 2) * (sc.radii[k] - vr) * 0.6
+        vd = np.hypot(sc.xx - sc.pos_ball[k, 0] - off[0], sc.yy - sc.pos_ball[k, 1] - off[1])
+        sc.att[1] -= A_BALL * _lerp(0.9, 0.6, d) * _soft_disc(vd, vr, sc.edge)
+
+
+@defect("bridge")
+class Bridge(Defect):
+    def joint(self, sc: Scene, k: int) -> None:
+        pos, d = sc.pos, sc.difficulty
+        nbrs = [j for j in range(sc.n) if j != k and np.hypot(*(pos[j] - pos[k])) < 1.2 * sc.pitch]
+        j = int(sc.defect_rng.choice(nbrs))
+        width = sc.radii[k] * _lerp(0.7, 0.3, d)
+        bar = _soft_disc(sc.segment(sc.pos_ball[k], sc.pos_ball[j]), width / 2, sc.edge)
+        # the bridge fills the gap between the balls, not the balls themselves
+        sc.att[1] += A_BALL * _lerp(1.0, 0.7, d) * bar * np.clip(1 - sc.balls.sum(0) / A_BALL, 0, 1)
+
+
+@defect("crack")
+class Crack(Defect):
+    def joint(self, sc: Scene, k: int) -> None:
+        d, s = sc.difficulty, sc.s
+        phi = sc.defect_rng.uniform(0, np.pi)
+        r2 = 0.7 * sc.radii[k]
+        a = sc.pos_ball[k] - r2 * np.array([np.cos(phi), np.sin(phi)])
+        b = sc.pos_ball[k] + r2 * np.array([np.cos(phi), np.sin(phi)])
+        line = _soft_disc(sc.segment(a, b), _lerp(0.9, 0.55, d) * s, 0.4 * s)
+        sc.att[2] -= A_DIE * _lerp(0.9, 0.6, d) * line * _soft_disc(sc.d_ball[k], r2, sc.edge)
+
+
+def _scene(rng: np.random.Generator, size: int, difficulty: float, label: str) -> Scene:
+    """The ball grid and the defective joints (drawn from the scene, so the same for every label)."""
     defect_rng = np.random.default_rng(int(rng.integers(0, 2**63)))
-    s = size / 64.0  # pixel scale relative to a 64 px image
-    d = difficulty
-    edge = 0.6 * s
-
-    # --- the ball grid -------------------------------------------------------------------
     g = int(rng.integers(3, 5))  # 3x3 or 4x4 balls in view
     pitch = size / (g + 0.4) * rng.uniform(0.92, 1.08)
     radius = pitch * rng.uniform(0.28, 0.34)
@@ -114,110 +253,83 @@ def render_bga(label: str, rng: np.random.Generator, size: int, difficulty: floa
     rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
     pos = local @ rot.T + centre + rng.normal(0, 0.03 * pitch, (len(ij), 2))
     radii = radius * rng.uniform(0.94, 1.06, len(ij))
-    n = len(pos)
-
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
-    # per-slice ball centres (a misaligned ball moves in slices 1 and 2 only)
-    pos_ball = pos.copy()
-    axis = xx[0]
-
-    def dist(p: np.ndarray) -> np.ndarray:  # (n, size, size) distances to n centres
-        dx2 = (axis[None, None, :] - p[:, 0, None, None]) ** 2
-        dy2 = (axis[None, :, None] - p[:, 1, None, None]) ** 2
-        return np.sqrt(dx2 + dy2)
-
+    sc = Scene(size, difficulty, rng, defect_rng, pitch, radius, theta, pos, radii, xx, yy)
+    sc.pos_ball, sc.scale_ball = pos.copy(), np.ones(len(pos))
     interior = np.where(np.all((pos > 0.22 * size) & (pos < 0.78 * size), axis=1))[0]
     if not len(interior):
         interior = np.array([int(np.argmin(np.abs(pos - size / 2).sum(1)))])
     k = int(rng.choice(interior))  # drawn from the scene: the same for every label
     # a defect rarely comes alone: more defective joints when defects are blatant
-    extra = int(defect_rng.poisson(_lerp(1.5, 0.2, d)))
+    extra = int(defect_rng.poisson(_lerp(1.5, 0.2, difficulty)))
     others = [i for i in interior if i != k]
-    ks = [k] + [int(i) for i in defect_rng.permutation(others)[:extra]]
-    info: dict = {"label": label, "grid": g, "pitch": round(float(pitch), 2), "balls": ks}
+    sc.ks = [k] + [int(i) for i in defect_rng.permutation(others)[:extra]]
+    sc.info = {"label": label, "grid": g, "pitch": round(float(pitch), 2), "balls": sc.ks}
+    return sc
 
-    scale_ball = np.ones(n)  # ball present (1) / missing (0) in slices 1-2
-    if label == "missing_ball":
-        residue = _lerp(0.0, 0.3, d)
-        scale_ball[ks] = residue
-        info["residue"] = round(residue, 3)
-    if label == "misaligned":
-        # component placement error: every ball sits off its pad by the same offset
-        shift = radius * _lerp(0.55, 0.22, d)
-        phi = defect_rng.uniform(0, 2 * np.pi)
-        pos_ball += shift * np.array([np.cos(phi), np.sin(phi)])
-        info["shift_px"] = round(float(shift), 2)
 
-    d_pad = dist(pos)
-    d_ball = dist(pos_ball) if label == "misaligned" else d_pad
-    cupping = rng.uniform(0.0, 0.15)
-    profile = 1.0 - cupping * np.clip(1 - (d_ball / radii[:, None, None]) ** 2, 0, 1)
+def _slices(sc: Scene, moves_balls: bool) -> None:
+    """Pads (substrate side), balls (mid-plane) and die-side joints, per joint."""
+    sc.d_pad = sc.distances(sc.pos)
+    sc.d_ball = sc.distances(sc.pos_ball) if moves_balls else sc.d_pad
+    cupping = sc.rng.uniform(0.0, 0.15)
+    r = sc.radii[:, None, None]
+    profile = 1.0 - cupping * np.clip(1 - (sc.d_ball / r) ** 2, 0, 1)
+    sc.pads = A_PAD * _soft_disc(sc.d_pad, 0.85 * r, sc.edge)
+    sc.balls = A_BALL * _soft_disc(sc.d_ball, r, sc.edge) * profile
+    sc.dies = A_DIE * _soft_disc(sc.d_ball, 0.7 * r, sc.edge)
+    sc.balls *= sc.scale_ball[:, None, None]
+    sc.dies *= sc.scale_ball[:, None, None]
 
-    pads = A_PAD * _soft_disc(d_pad, 0.85 * radii[:, None, None], edge)
-    balls = A_BALL * _soft_disc(d_ball, radii[:, None, None], edge) * profile
-    dies = A_DIE * _soft_disc(d_ball, 0.7 * radii[:, None, None], edge)
-    balls *= scale_ball[:, None, None]
-    dies *= scale_ball[:, None, None]
 
-    if label == "non_wet":
-        # head-in-pillow: in the substrate slice the ball rests on the paste without merging:
-        # a bright gap ring separates the inner contact from the pad's rim.
-        gap = _lerp(0.75, 0.4, d)
-        ring_w = _lerp(1.3, 0.8, d) * s
-        for k in ks:
-            ring = np.exp(-0.5 * ((d_pad[k] - 0.55 * radii[k]) / ring_w) ** 2)
-            pads[k] *= 1 - gap * ring
-        info["gap"] = round(gap, 3)
+def _nuisances(sc: Scene) -> None:
+    """Copper traces on the substrate and harmless small voids (acceptable under IPC-7095)."""
+    rng, s = sc.rng, sc.s
+    for i in np.where(rng.random(sc.n) < 0.35)[0]:  # a short line from some pads
+        phi = rng.choice([0, np.pi / 2, np.pi, 3 * np.pi / 2]) + sc.theta + np.pi / 4
+        end = sc.pos[i] + sc.pitch * 0.7 * np.array([np.cos(phi), np.sin(phi)])
+        sc.att[0] += A_TRACE * _soft_disc(sc.segment(sc.pos[i], end), 0.6 * s, sc.edge)
+    for i in np.where(rng.random(sc.n) < 0.15)[0]:
+        off = rng.uniform(-0.4, 0.4, 2) * sc.radii[i]
+        vd = np.hypot(sc.xx - sc.pos_ball[i, 0] - off[0], sc.yy - sc.pos_ball[i, 1] - off[1])
+        sc.att[1] -= (A_BALL * 0.5 * _soft_disc(vd, sc.radii[i] * rng.uniform(0.08, 0.14), sc.edge)
+                      * sc.scale_ball[i])
 
-    att = np.stack([pads.sum(0), balls.sum(0), dies.sum(0)])
 
-    # copper traces on the substrate: a short line from some pads
-    for i in np.where(rng.random(n) < 0.35)[0]:
-        phi = rng.choice([0, np.pi / 2, np.pi, 3 * np.pi / 2]) + theta + np.pi / 4
-        end = pos[i] + pitch * 0.7 * np.array([np.cos(phi), np.sin(phi)])
-        att[0] += A_TRACE * _soft_disc(_segment_distance(xx, yy, *pos[i], *end), 0.6 * s, edge)
-
-    # harmless small voids anywhere (acceptable under IPC-7095 limits)
-    for i in np.where(rng.random(n) < 0.15)[0]:
-        off = rng.uniform(-0.4, 0.4, 2) * radii[i]
-        vd = np.hypot(xx - pos_ball[i, 0] - off[0], yy - pos_ball[i, 1] - off[1])
-        att[1] -= A_BALL * 0.5 * _soft_disc(vd, radii[i] * rng.uniform(0.08, 0.14), edge) * scale_ball[i]
-
-    for k in ks:
-        if label == "void":
-            vr = radii[k] * _lerp(0.5, 0.26, d) * defect_rng.uniform(0.9, 1.1)
-            off = defect_rng.uniform(-1, 1, 2) * (radii[k] - vr) * 0.6
-            vd = np.hypot(xx - pos_ball[k, 0] - off[0], yy - pos_ball[k, 1] - off[1])
-            att[1] -= A_BALL * _lerp(0.9, 0.6, d) * _soft_disc(vd, vr, edge)
-        elif label == "bridge":
-            nbrs = [j for j in range(n) if j != k and np.hypot(*(pos[j] - pos[k])) < 1.2 * pitch]
-            j = int(defect_rng.choice(nbrs))
-            width = radii[k] * _lerp(0.7, 0.3, d)
-            bar = _soft_disc(_segment_distance(xx, yy, *pos_ball[k], *pos_ball[j]), width / 2, edge)
-            # the bridge fills the gap between the balls, not the balls themselves
-            att[1] += A_BALL * _lerp(1.0, 0.7, d) * bar * np.clip(1 - balls.sum(0) / A_BALL, 0, 1)
-        elif label == "crack":
-            phi = defect_rng.uniform(0, np.pi)
-            r2 = 0.7 * radii[k]
-            a = pos_ball[k] - r2 * np.array([np.cos(phi), np.sin(phi)])
-            b = pos_ball[k] + r2 * np.array([np.cos(phi), np.sin(phi)])
-            line = _soft_disc(_segment_distance(xx, yy, *a, *b), _lerp(0.9, 0.55, d) * s, 0.4 * s)
-            att[2] -= A_DIE * _lerp(0.9, 0.6, d) * line * _soft_disc(d_ball[k], r2, edge)
-
-    att = np.clip(att, 0, None)
-
-    # --- source, beam hardening, detector -----------------------------------------------
+def _detector(sc: Scene, att: np.ndarray, noise: bool) -> np.ndarray:
+    """Source with a beam-hardening gradient, transmission, detector blur and Poisson noise."""
+    rng, size, d = sc.rng, sc.size, sc.difficulty
     gdir = rng.uniform(0, 2 * np.pi)
-    ramp = ((xx - size / 2) * np.cos(gdir) + (yy - size / 2) * np.sin(gdir)) / size
+    ramp = ((sc.xx - size / 2) * np.cos(gdir) + (sc.yy - size / 2) * np.sin(gdir)) / size
     i0 = 0.9 + rng.uniform(0.05, 0.2) * ramp  # intensity gradient across the field
     img = i0[None] * np.exp(-att)
-    sigma = rng.uniform(0.35, 0.8) * s * (1 + 0.5 * d)
+    sigma = rng.uniform(0.35, 0.8) * sc.s * (1 + 0.5 * d)
     kmat = _gaussian_matrix(size, sigma)
     img = kmat @ img @ kmat.T
     if noise:
         photons = _lerp(600, 150, d)
         img = rng.poisson(np.clip(img, 0, None) * photons) / photons
-    return np.clip(img, 0, 1), info
+    return np.clip(img, 0, 1)
+
+
+def render_bga(label: str, rng: np.random.Generator, size: int, difficulty: float, noise: bool = True):
+    """One image as a float array (3, size, size) in [0, 1] and a dict describing it.
+
+    The scene (grid, nuisances, noise) draws from ``rng``, the defect from a generator split
+    off at the start, so the same ``rng`` state gives the same scene for every label: a
+    defect image differs from its good twin only where the defect is. ``noise=False`` leaves
+    out the Poisson noise (for tests of exactly that). The defect classes are ``DEFECTS``.
+    """
+    kind = DEFECTS[label]
+    sc = _scene(rng, size, difficulty, label)
+    kind.place(sc)
+    _slices(sc, kind.moves_balls)
+    kind.substrate(sc)
+    sc.att = np.stack([sc.pads.sum(0), sc.balls.sum(0), sc.dies.sum(0)])
+    _nuisances(sc)
+    for k in sc.ks:
+        kind.joint(sc, k)
+    return _detector(sc, np.clip(sc.att, 0, None), noise), sc.info
 
 
 def synthesize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,58 @@ import torch
 
 from ..data.images import scan_checked
 from ..data.split import Split
-from ..errors import DataError
+from ..errors import DataError, VitfabError
 from ..files import write_json_atomic
-from ..models.checkpoint import load_model
+from ..models import create_model
+from ..options import option, parse_key_values
 from ..rundir import RunDir
+from ..runtime import resolve_device
+from ..runtimes import load_model
 from .runner import evaluate_model, plot_confusion
 
 MAX_CLASSES_IN_FULL = 50  # beyond this (ImageNet), only classes that occur are listed
+
+
+@dataclass
+class EvalConfig:
+    """``vitfab eval``: a run on its own split, or a checkpoint / timm model on a labelled folder."""
+
+    run: str | None = option(None, help="A run folder: its best checkpoint on its own split.")
+    checkpoint: str | None = option(None, help="A vitfab checkpoint (folder or .safetensors).")
+    model: str | None = option(None, help="A timm model name (with --pretrained or --weights).")
+    pretrained: bool = option(False, help="With --model: timm's hub weights.")
+    weights: str | None = option(None, help="With --model: a local weights file.")
+    img_size: int | None = option(None, help="With --model: input size override.")
+    patch_size: int | None = option(None, help="With --model: patch size override.")
+    model_args: dict[str, Any] = option(default_factory=dict, flag="model-arg", cli_type=list[str], cli_default=[],
+                                        parse=parse_key_values, help="With --model: extra timm argument KEY=VALUE; "
+                                                                     "repeatable.")
+    data: str | None = option(None, help="Labelled folder (for --run: where the run's data now lives).")
+    split: str = option("test", help="With --run: train, val, test or all.")
+    good_class: str | None = option(None, help="Class meaning 'no defect' (default: good/normal/ok).")
+    out: str | None = option(None, help="Folder for metrics.json and confusion.png.")
+    batch_size: int = option(64, help="Images per forward pass.")
+    skip_bad_images: bool = option(False, help="Skip unreadable images with a warning.")
+    device: str = option("auto", help="auto, cpu or cuda.")
+
+    def evaluate(self, progress: bool = True) -> tuple[dict[str, Any], Path]:
+        """(metrics, the folder they were written to)."""
+        dev = resolve_device(self.device)
+        if len([x for x in (self.run, self.checkpoint, self.model) if x is not None]) != 1:
+            raise VitfabError("give exactly one of --run RUN_DIR, --checkpoint PATH, --model NAME")
+        if self.run is not None:
+            return evaluate_run(self.run, self.split, self.data, dev, self.good_class, self.batch_size, progress)
+        if self.data is None:
+            raise VitfabError("--data DIR is required with --checkpoint or --model")
+        if self.checkpoint is not None:
+            net = load_model(self.checkpoint, dev)
+        else:
+            if not (self.pretrained or self.weights):
+                raise VitfabError("--model needs --pretrained or --weights PATH (an untrained model is noise)")
+            net = create_model(self.model, img_size=self.img_size, patch_size=self.patch_size,
+                               pretrained=self.pretrained, weights=self.weights, **self.model_args).to(dev).eval()
+        return evaluate_folder(net, self.data, self.out, dev, self.good_class, self.batch_size,
+                               self.skip_bad_images, progress)
 
 
 def _compact(m: dict[str, Any]) -> dict[str, Any]:

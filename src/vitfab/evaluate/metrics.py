@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..errors import VitfabError
+
 GOOD_CLASS_NAMES = ("good", "normal", "ok")
 
 
@@ -21,8 +23,6 @@ def find_good_class(classes: Sequence[str], good_class: str | None = None) -> in
     lowered = [c.lower() for c in classes]
     if good_class is not None:
         if good_class.lower() not in lowered:
-            from ..errors import VitfabError
-
             raise VitfabError(f"--good-class '{good_class}' is not one of the classes: {', '.join(classes)}")
         return lowered.index(good_class.lower())
     for name in GOOD_CLASS_NAMES:

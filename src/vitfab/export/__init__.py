@@ -1,8 +1,6 @@
-"""Deployment: the chosen model as safetensors, TorchScript and ONNX (ToMe inside), checked in
-ONNX Runtime; loading any of them back in PyTorch or ONNX Runtime."""
+"""Deployment: the chosen model as safetensors, TorchScript and ONNX (ToMe inside), checked against
+PyTorch in ONNX Runtime. Loading the artifacts back is ``vitfab.runtimes``' job."""
 
-from .deploy import FORMATS, export_deploy, export_onnx, export_torchscript, ort_session, parity
-from .runtime import RUNTIMES, OrtModel, load_deployed, onnx_meta
+from .deploy import FORMATS, export_deploy, export_onnx, export_torchscript, parity
 
-__all__ = ["FORMATS", "RUNTIMES", "OrtModel", "export_deploy", "export_onnx", "export_torchscript", "load_deployed",
-           "onnx_meta", "ort_session", "parity"]
+__all__ = ["FORMATS", "export_deploy", "export_onnx", "export_torchscript", "parity"]

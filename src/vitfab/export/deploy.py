@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,12 +30,35 @@ import torch
 
 from ..errors import VitfabError
 from ..files import atomic_dir, write_json_atomic
+from ..models.checkpoint import write_checkpoint
+from ..options import option
+from ..rundir import DEPLOY_FILE, ONNX_FILE, TORCHSCRIPT_FILE, WEIGHTS_FILE, kind_of
+from ..runtimes import load_model, load_torchscript, ort_session
+from ..tome import tome_info
 
 FORMATS = ("safetensors", "torchscript", "onnx")
-FILES = {"safetensors": "model.safetensors", "torchscript": "model.ts", "onnx": "model.onnx"}
-DEPLOY_FILE = "deploy.json"
+FILES = {"safetensors": WEIGHTS_FILE, "torchscript": TORCHSCRIPT_FILE, "onnx": ONNX_FILE}
 DEPLOY_FORMAT = "vitfab-deploy/1"
 OPSET = 17
+PARITY_TOLERANCE = 1e-3  # max |logit difference| against PyTorch fp32 that every format must meet
+
+
+@dataclass
+class ExportConfig:
+    """``vitfab export``: which model, where to, in which formats."""
+
+    model: str | None = option(None, help="A vitfab checkpoint, run folder or main-job run (its chosen model).")
+    out: str = option("deploy", help="The deploy folder to write (replaced atomically).")
+    format: str = option(",".join(FORMATS), help="Comma list of safetensors, torchscript, onnx.")
+    opset: int = option(OPSET, help="ONNX opset (>= 17).")
+    tolerance: float = option(PARITY_TOLERANCE, help="Max |logit difference| against PyTorch fp32 each format must meet.")
+
+    def run(self) -> dict[str, Any]:
+        if self.model is None:
+            raise VitfabError("--model is required: a checkpoint, run folder or main-job run")
+        if not Path(self.model).exists():
+            raise VitfabError(f"not found: {self.model}")
+        return export_deploy(self.model, self.out, parse_formats(self.format), self.opset, self.tolerance)
 
 
 def parse_formats(value: str | Sequence[str]) -> list[str]:
@@ -78,32 +102,6 @@ def export_torchscript(model, path: Path) -> Path:
     return path
 
 
-def ort_session(path: str | Path, device: str | torch.device = "cpu"):
-    """An ONNX Runtime session on the CPU provider, or CUDA's where asked for and present."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise VitfabError("the onnxruntime runtime needs the onnxruntime package (pip install onnxruntime)") from None
-    providers = ["CPUExecutionProvider"]
-    if torch.device(device).type == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise VitfabError("onnxruntime here has no CUDA provider (install onnxruntime-gpu) -- use --device cpu")
-        providers.insert(0, "CUDAExecutionProvider")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    # ORT's worker threads spin after each run by default, taking the cores from whatever runs next
-    # (interleaved PyTorch configurations measured 6-10x slower at batch 1); they sleep instead
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=providers)
-
-
-def load_torchscript(path: str | Path):
-    """A traced model (torch 2.9+ flags TorchScript as deprecated in favour of torch.export; it loads)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.load(str(path))
-
-
 @torch.inference_mode()
 def parity(model, folder: Path, formats: Sequence[str], batch: int = 3) -> dict[str, float]:
     """Max |logit difference| of each exported format against PyTorch fp32, on a batch size the
@@ -126,7 +124,7 @@ def check_out(source: str | Path, out: str | Path) -> None:
     folder, a home directory) and one that holds the source."""
     out = Path(out).resolve()
     if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / DEPLOY_FILE).is_file()):
+        if not out.is_dir() or (any(out.iterdir()) and kind_of(out) != "deploy"):
             raise VitfabError(f"--out {out} exists and is not a deploy folder: it would be replaced; choose a new path")
     src = Path(source).resolve()
     if Path(source).exists() and (src == out or out in src.parents):
@@ -134,16 +132,12 @@ def check_out(source: str | Path, out: str | Path) -> None:
 
 
 def export_deploy(source: str | Path, out: str | Path, formats: Sequence[str] = FORMATS, opset: int = OPSET,
-                  tolerance: float = 1e-3, model=None) -> dict[str, Any]:
+                  tolerance: float = PARITY_TOLERANCE, model=None) -> dict[str, Any]:
     """``source`` (a checkpoint or run folder; or ``model``, an fp32 vitfab model) -> ``out``.
 
     The folder appears complete or not at all. Fails (and writes nothing) where a format's logits
     differ from PyTorch's by more than ``tolerance``.
     """
-    from ..models import load_model
-    from ..models.checkpoint import write_checkpoint
-    from ..tome import tome_info
-
     formats = parse_formats(formats)
     check_out(source, out)
     if model is None:

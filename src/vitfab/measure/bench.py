@@ -1,9 +1,10 @@
 """``vitfab bench``: measure one or more configurations in one process, interleaved.
 
-A configuration is a model (timm name or vitfab checkpoint) x precision x ToMe schedule x batch
-size. MACs are counted after token merging is applied, so its savings are measured.
-All of them are loaded first, then timed in rounds (A B C A B C ...), so that drift on a shared
-machine hits every configuration alike; ratios against the first are the numbers to quote.
+A configuration (``BenchConfig``) is a model (timm name, vitfab checkpoint or exported model) x
+runtime x precision x ToMe schedule x batch size. MACs are counted after token merging is
+applied, so its savings are measured. All of them are loaded first, then timed together by
+``measure_speed`` (rounds A B C A B C ...), so that drift on a shared machine hits every
+configuration alike; ratios against the first are the numbers to quote.
 """
 
 from __future__ import annotations
@@ -17,35 +18,39 @@ import torch
 from torch import nn
 
 from ..errors import VitfabError
+from ..evaluate.accuracy import validation_accuracy
 from ..evaluate.api import labelled_samples
-from ..precision import (AUTO, Precision, check_finite, parse_precision, prepare_model, select_precision,
-                         validation_accuracy)
-from .. import tome
+from ..evaluate.runner import make_eval_loader
+from ..models import create_model
+from ..options import RECORDED, option, split_list
+from ..precision import AUTO, DEFAULT_TOLERANCE, Precision, check_finite, parse_precision, prepare_model
 from ..progress import make_progress
-from ..tome import Schedule
+from ..runtime import resolve_device
+from ..runtimes import RUNTIMES, OrtModel, load_model, model_for_counting
+from ..tome import Schedule, apply_spec, parse_tome_spec, tome_info
+from .auto_precision import select_precision
 from .counts import count_macs, count_params, input_size
-from .energy import EnergyResult, measure_energy
+from .energy import EnergyResult
 from .measurement import Measurement, device_name
 from .memory import peak_memory, weights_bytes
-from .timing import interleaved_latency, interleaved_throughput, median, percentiles
+from .speed import Timed, default_batch, measure_speed, seeded_batch
 
-DEFAULT_BATCH = {"cpu": 16, "cuda": 256}
-RECORDED = "recorded"  # --tome-r: the schedule saved with the checkpoint
+SPLITS = ("train", "val", "test", "all")
 
 
 @dataclass
 class BenchConfig:
+    """One configuration to measure."""
+
     model: str | None = None  # timm name (random weights: speed does not depend on them)
-    checkpoint: str | None = None  # vitfab checkpoint or run folder
+    checkpoint: str | None = None  # vitfab checkpoint, run folder, deploy folder or .onnx file
     precision: str = "fp32"
-    tome_r: str | None = None  # ToMe schedule (8, 16:-1, keep=0.5, ...); None: stock model, not patched
+    tome_r: str | None = None  # ToMe schedule (8, 16:-1, keep=0.5, recorded, ...); None: stock model, not patched
     batch_size: int | None = None  # default: 16 on CPU, 256 on CUDA
     img_size: int | None = None  # timm names only; a checkpoint runs at its own size
     method: str = "cast"  # fp16/bf16: "cast" (low-precision weights) or "autocast"
     label: str | None = None
     runtime: str | None = None  # torch | onnxruntime; None: onnxruntime for an .onnx file, else torch
-
-    FIELDS = ("model", "checkpoint", "precision", "tome_r", "batch_size", "img_size", "method", "label", "runtime")
 
     @property
     def resolved_runtime(self) -> str:
@@ -57,15 +62,14 @@ class BenchConfig:
         if (self.model is None) == (self.checkpoint is None):
             raise VitfabError("give exactly one of --model NAME or --checkpoint PATH")
         parse_precision(self.precision)
-        if self.tome_r not in (None, RECORDED):
-            Schedule.parse(self.tome_r)
+        parse_tome_spec(self.tome_r)
         if self.batch_size is not None and self.batch_size < 1:
             raise VitfabError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.img_size is not None and self.checkpoint is not None:
             raise VitfabError("--img-size applies to --model; a checkpoint runs at the size it was trained at")
         rt = self.resolved_runtime
-        if rt not in ("torch", "onnxruntime"):
-            raise VitfabError(f"runtime must be torch or onnxruntime, got '{rt}'")
+        if rt not in RUNTIMES:
+            raise VitfabError(f"runtime must be one of {', '.join(RUNTIMES)}, got '{rt}'")
         if rt == "onnxruntime":
             if self.checkpoint is None:
                 raise VitfabError("the onnxruntime runtime runs an exported model: give a deploy folder or .onnx file")
@@ -78,12 +82,13 @@ class BenchConfig:
 
     def with_overrides(self, spec: str) -> "BenchConfig":
         """A copy with ``key=value[,key=value]`` applied (the ``--vs`` syntax)."""
+        names = [f.name for f in dataclasses.fields(self)]
         changes: dict[str, Any] = {}
         for item in filter(None, (s.strip() for s in spec.split(","))):
             key, sep, value = item.partition("=")
             key = key.strip().replace("-", "_")
-            if not sep or key not in self.FIELDS:
-                raise VitfabError(f"--vs expects KEY=VALUE with KEY in {', '.join(self.FIELDS)}; got '{item}'")
+            if not sep or key not in names:
+                raise VitfabError(f"--vs expects KEY=VALUE with KEY in {', '.join(names)}; got '{item}'")
             if key == "tome_r":
                 changes[key] = parse_tome_spec(value)
             elif key in ("batch_size", "img_size"):
@@ -118,36 +123,67 @@ class BenchConfig:
         return " ".join(parts)
 
 
-def parse_tome_spec(value: str) -> str | None:
-    """``none``/``stock``/``off`` -> None (the stock model); ``recorded`` -> the schedule saved with
-    the checkpoint, as it is; anything else is a ToMe schedule."""
-    value = value.strip()
-    if value.lower() in ("none", "stock", "off"):
-        return None
-    if value.lower() == RECORDED:
-        return RECORDED
-    Schedule.parse(value)
-    return value
+@dataclass
+class BenchRequest:
+    """``vitfab bench``'s configurations: a model, comma lists of precisions and ToMe settings
+    (every combination), and ``--vs`` variations of the first."""
+
+    model: str | None = option(None, help="timm model name (random weights; speed does not depend on them).")
+    checkpoint: str | None = option(None, help="A vitfab checkpoint, run folder, deploy folder or .onnx file.")
+    precision: str = option("fp32", help="fp32, fp16, bf16, int8 or auto; a comma list compares several.")
+    tome_r: str | None = option(None, help="ToMe schedule: R, R:INFLECTION (16:-1 = decreasing), R1/R2/... per "
+                                           "layer, keep=F, macs=F, or none (stock model), recorded (as saved with "
+                                           "the checkpoint); a comma list compares several [default: none].")
+    runtime: str | None = option(None, help="torch or onnxruntime (a deploy folder or .onnx file) [default: "
+                                            "onnxruntime for .onnx files, else torch].")
+    batch_size: int | None = option(None, help="Throughput batch [default: 16 on CPU, 256 on CUDA].")
+    img_size: int | None = option(None, help="With --model: input size override.")
+    vs: list[str] = option(default_factory=list, help="Another configuration, KEY=VALUE[,KEY=VALUE] changed from "
+                                                      "the first (keys: the fields of BenchConfig); repeatable.")
+
+    def configs(self) -> list[BenchConfig]:
+        if (self.model is None) == (self.checkpoint is None):
+            raise VitfabError("give exactly one of --model NAME or --checkpoint PATH")
+        schedules = [parse_tome_spec(v) for v in split_list(self.tome_r, "--tome-r")] if self.tome_r else [None]
+        base = BenchConfig(model=self.model, checkpoint=self.checkpoint, batch_size=self.batch_size,
+                           img_size=self.img_size, runtime=self.runtime)
+        configs = [dataclasses.replace(base, precision=p, tome_r=r)
+                   for p in split_list(self.precision, "--precision") for r in schedules]
+        configs += [configs[0].with_overrides(spec) for spec in self.vs]
+        for c in configs:
+            c.validate()
+        return configs
 
 
-def apply_token_merging(model: nn.Module, spec: str | None) -> nn.Module:
-    """The schedule ``spec``, the stock model (merging removed, also from a checkpoint saved
-    with it) for None, the model as loaded for ``recorded``."""
-    if spec == RECORDED:
-        return model
-    if spec is None:
-        return tome.remove(model)
-    return tome.apply(model, spec)
+@dataclass
+class BenchOptions:
+    """How ``benchmark`` measures."""
+
+    device: str = option("auto", help="cpu, cuda or auto.")
+    data: str | None = option(None, help="Labelled folder: also measure top-1 of each configuration.")
+    split: str = option("val", help="With a run folder as --checkpoint: the split to measure top-1 on.")
+    tolerance: float = option(DEFAULT_TOLERANCE, help="--precision auto: allowed top-1 drop vs fp32 (0.01 = one point).")
+    repeats: int = option(5, help="Throughput repeats per configuration (median reported).")
+    min_repeat_seconds: float = option(1.0, help="Each throughput repeat lasts at least this long.")
+    latency_runs: int = option(50, help="Batch-1 calls per configuration for the latency percentiles.")
+    energy: bool = option(True, help="Measure J/img with NVML (GPU) or RAPL (CPU) where readable.")
+    energy_seconds: float = option(3.0, help="Energy window per configuration.")
+    threads: int | None = option(None, help="torch CPU threads during the measurement [default: torch's choice].")
+
+    def validate(self) -> None:
+        if self.split not in SPLITS:
+            raise VitfabError(f"--split must be one of {', '.join(SPLITS)}, got '{self.split}'")
+        if self.repeats < 1 or self.latency_runs < 1:
+            raise VitfabError("--repeats and --latency-runs must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise VitfabError(f"--threads must be >= 1, got {self.threads}")
 
 
 def load_fp32_model(cfg: BenchConfig) -> nn.Module:
-    from ..models import create_model, load_model
-
+    """The configuration's model in fp32, as loaded (a checkpoint with its recorded ToMe schedule)."""
     if cfg.checkpoint is not None:
         if str(cfg.checkpoint).endswith(".onnx"):
-            from ..export.runtime import torch_twin
-
-            return torch_twin(cfg.checkpoint)
+            return model_for_counting(cfg.checkpoint)
         return load_model(cfg.checkpoint, "cpu")
     return create_model(cfg.model, img_size=cfg.img_size).eval()
 
@@ -157,127 +193,93 @@ class _Prepared:
     cfg: BenchConfig
     precision: Precision
     model: nn.Module
-    x: torch.Tensor
-    x1: torch.Tensor
+    batch_size: int
     params: int
     macs: int
-    img_size: int
+    input_size: tuple[int, int]
     name: str
+    weights_mb: float
+    tome: dict | None
     accuracy: float | None = None
     accuracy_on: str | None = None
-    weights_mb: float = 0.0
-    tome: dict | None = None
 
 
-def _prepare(cfg: BenchConfig, device: torch.device, data, split: str, tolerance: float, progress: bool,
-             samples_cache: dict) -> _Prepared:
-    from ..evaluate.runner import make_eval_loader
+def _loader_for(base, cfg: BenchConfig, opts: BenchOptions, progress: bool, cache: dict, subset: str):
+    key = (cfg.checkpoint, str(opts.data), subset, tuple(base.vitfab_meta.classes))  # one scan per model and data
+    if key not in cache:
+        cache[key] = labelled_samples(base, cfg.checkpoint, opts.data, progress, subset)
+    source = cache[key]
+    if source is None:
+        return None, None
+    root, samples, desc = source
+    return make_eval_loader(root, samples, base.vitfab_meta.preprocess, batch_size=64), desc
 
+
+def _resolve_auto(base, cfg: BenchConfig, device, opts: BenchOptions, loader, progress: bool, cache) -> Precision:
+    """``--precision auto``: chosen on validation data, whatever split the top-1 is reported on."""
+    if loader is None:
+        raise VitfabError("--precision auto checks accuracy: give --data DIR or a run folder as --checkpoint")
+    val_loader = loader
+    if opts.data is None and opts.split != "val":
+        val_loader, _ = _loader_for(base, cfg, opts, False, cache, "val")
+        if val_loader is None:
+            raise VitfabError("--precision auto chooses on the validation split, and this run has none")
+    return select_precision(base, val_loader, device, opts.tolerance, progress=progress).precision
+
+
+def _prepare(cfg: BenchConfig, device: torch.device, opts: BenchOptions, progress: bool, cache: dict) -> _Prepared:
     cfg.validate()
     base = load_fp32_model(cfg)
     ort = cfg.resolved_runtime == "onnxruntime"
     if not ort:  # an exported graph keeps the schedule it was exported with
-        base = apply_token_merging(base, cfg.tome_r)
-    h, w = input_size(base)
+        base = apply_spec(base, cfg.tome_r)
     params, macs = count_params(base), count_macs(base)
     precision = parse_precision(cfg.precision)
-    key = (cfg.checkpoint, str(data), split, tuple(base.vitfab_meta.classes))  # one scan per model and data
-    if key not in samples_cache:
-        samples_cache[key] = labelled_samples(base, cfg.checkpoint, data, progress, split)
-    source = samples_cache[key]
-    loader = None
-    if source is not None:
-        root, samples, desc = source
-        loader = make_eval_loader(root, samples, base.vitfab_meta.preprocess, batch_size=64)
+    loader, desc = _loader_for(base, cfg, opts, progress, cache, opts.split)
     if precision == AUTO:
-        if loader is None:
-            raise VitfabError("--precision auto checks accuracy: give --data DIR or a run folder as --checkpoint")
-        val_loader = loader  # choose on validation data, report top-1 on the split asked for
-        if data is None and split != "val":
-            val = labelled_samples(base, cfg.checkpoint, None, False, "val")
-            if val is None:
-                raise VitfabError("--precision auto chooses on the validation split, and this run has none")
-            val_loader = make_eval_loader(val[0], val[1], base.vitfab_meta.preprocess, batch_size=64)
-        choice = select_precision(base, val_loader, device, tolerance, progress=progress)
-        precision = choice.precision
-    if ort:
-        from ..export.runtime import OrtModel
-
-        model = OrtModel(cfg.checkpoint, device, precision.value)
-    else:
-        model = prepare_model(base, precision, device, cfg.method)
-    bs = cfg.batch_size or DEFAULT_BATCH.get(device.type, 16)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(bs, 3, h, w, generator=gen).to(device)
+        precision = _resolve_auto(base, cfg, device, opts, loader, progress, cache)
+    model = OrtModel(cfg.checkpoint, device, precision.value) if ort else prepare_model(base, precision, device,
+                                                                                        cfg.method)
+    bs = cfg.batch_size or default_batch(device)
+    size = input_size(base)
     with torch.inference_mode():
-        check_finite(model(x[:2]), precision, "a random input batch")
-    p = _Prepared(cfg, precision, model, x, x[:1].clone(), params, macs, h, base.vitfab_meta.name,
-                  weights_mb=(Path(model.run_path).stat().st_size if ort else weights_bytes(model)) / 2**20,
-                  tome=tome.tome_info(base))
+        check_finite(model(seeded_batch(2, size, device)), precision, "a random input batch")
+    p = _Prepared(cfg, precision, model, bs, params, macs, size, base.vitfab_meta.name,
+                  (model.file_bytes if ort else weights_bytes(model)) / 2**20, tome_info(base))
     if loader is not None:
         p.accuracy, p.accuracy_on = validation_accuracy(model, loader, device, precision), desc
     return p
 
 
-def benchmark(
-    configs: Sequence[BenchConfig],
-    device: torch.device | str = "cpu",
-    repeats: int = 5,
-    min_repeat_seconds: float = 1.0,
-    latency_runs: int = 50,
-    energy: bool = True,
-    energy_seconds: float = 3.0,
-    threads: int | None = None,
-    data: str | Path | None = None,
-    split: str = "val",
-    tolerance: float = 0.01,
-    progress: bool = True,
-) -> list[Measurement]:
+def benchmark(configs: Sequence[BenchConfig], options: BenchOptions | None = None,
+              progress: bool = True) -> list[Measurement]:
     """Measure every configuration; throughput and latency interleaved across them."""
+    opts = options or BenchOptions()
     if not configs:
         raise VitfabError("nothing to benchmark")
-    if split not in ("train", "val", "test", "all"):
-        raise VitfabError(f"--split must be train, val, test or all, got '{split}'")
-    if repeats < 1 or latency_runs < 1:
-        raise VitfabError("--repeats and --latency-runs must be at least 1")
-    device = torch.device(device)
-    if threads is not None:
-        if threads < 1:
-            raise VitfabError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    opts.validate()
+    device = resolve_device(opts.device)
     cache: dict = {}
-    prepared = [_prepare(c, device, data, split, tolerance, progress, cache) for c in configs]
-    fns = [(lambda p=p: p.model(p.x)) for p in prepared]
-    fns1 = [(lambda p=p: p.model(p.x1)) for p in prepared]
-    n = len(prepared)
-    with make_progress(progress) as bar, torch.inference_mode():
-        t = bar.add_task("throughput", total=repeats, info=f"{n} configs interleaved")
-        speeds = interleaved_throughput(fns, [len(p.x) for p in prepared], device, repeats, min_repeat_seconds,
-                                        on_round=lambda: bar.advance(t))
-        t = bar.add_task("latency (batch 1)", total=latency_runs, info="")
-        lat = interleaved_latency(fns1, device, latency_runs, on_round=lambda: bar.advance(t))
-        t = bar.add_task("memory", total=n, info="")
+    prepared = [_prepare(c, device, opts, progress, cache) for c in configs]
+    items = [Timed(p.model, p.input_size, p.batch_size) for p in prepared]
+    with make_progress(progress) as bar:
+        speeds = measure_speed(items, device, opts.repeats, opts.min_repeat_seconds, opts.latency_runs,
+                               opts.energy_seconds if opts.energy else None, opts.threads, progress=bar)
+        t = bar.add_task("memory", total=len(items), info="")
         mem = []
-        for fn in fns:
-            mem.append(peak_memory(fn, device))
+        for p in prepared:
+            x = seeded_batch(p.batch_size, p.input_size, device)
+            with torch.inference_mode():
+                mem.append(peak_memory(lambda p=p, x=x: p.model(x), device))
             bar.advance(t)
-        joules = []
-        t = bar.add_task("energy", total=n, info=f">= {energy_seconds:.0f} s each" if energy else "off")
-        for p, fn in zip(prepared, fns):
-            joules.append(measure_energy(fn, len(p.x), device, min_seconds=energy_seconds) if energy
-                          else EnergyResult(None, "unavailable", "energy measurement switched off (--no-energy)"))
-            bar.advance(t)
-    out = []
-    for p, s, l, (mb, kind), e in zip(prepared, speeds, lat, mem, joules):
-        out.append(Measurement(
-            label=p.cfg.describe(p.precision.value), model=p.name, precision=p.precision.value, device=str(device),
-            device_name=device_name(device), batch_size=len(p.x), img_size=p.img_size,
-            threads=torch.get_num_threads(), params=p.params, macs=p.macs, img_per_s=median(s),
-            img_per_s_runs=[round(v, 3) for v in s], latency_ms=percentiles(l), peak_memory_mb=mb,
-            memory_kind=kind, weights_mb=p.weights_mb, energy=e, tome=p.tome,
-            accuracy=p.accuracy, accuracy_on=p.accuracy_on,
-        ))
-    return out
+    off = EnergyResult(None, "unavailable", "energy measurement switched off (--no-energy)")
+    return [Measurement(
+        label=p.cfg.describe(p.precision.value), model=p.name, precision=p.precision.value, device=str(device),
+        device_name=device_name(device), batch_size=p.batch_size, img_size=p.input_size[0], threads=s.threads,
+        params=p.params, macs=p.macs, img_per_s=s.img_per_s, img_per_s_runs=[round(v, 3) for v in s.img_per_s_runs],
+        latency_ms=s.latency_ms, peak_memory_mb=mb, memory_kind=kind, weights_mb=p.weights_mb,
+        energy=s.energy or off, tome=p.tome, accuracy=p.accuracy, accuracy_on=p.accuracy_on,
+    ) for p, s, (mb, kind) in zip(prepared, speeds, mem)]
 
 
 def ratios(measurements: Sequence[Measurement]) -> list[dict[str, float | None]]:

@@ -74,7 +74,8 @@ def count_macs(
         h, w = (size, size) if isinstance(size, int) else size
         dev = device if device is not None else next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        inputs = torch.randn(batch_size, 3, h, w, device=dev, dtype=dtype)
+        gen = torch.Generator().manual_seed(0)  # counts do not depend on the values; the global RNG stays put
+        inputs = torch.randn(batch_size, 3, h, w, generator=gen).to(dev, dtype)
     was_training = model.training
     model.eval()
     try:

@@ -12,39 +12,55 @@ from __future__ import annotations
 import copy
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..data.images import scan_checked
 from ..errors import DataError, VitfabError
+from ..evaluate.accuracy import validation_accuracy
+from ..evaluate.runner import make_eval_loader
 from ..files import atomic_path, read_json, write_json_atomic
+from ..models import create_model
+from ..options import option, split_list
+from ..precision import Precision, parse_precision, prepare_model, unsupported_reason
 from ..progress import console, make_progress
-from .bench import DEFAULT_BATCH, apply_token_merging, parse_tome_spec
+from ..runtime import resolve_device
+from ..runtimes import load_model
+from ..tome import apply_spec, parse_tome_spec
+from .counts import count_macs
+from .speed import Timed, default_batch, measure_speed
 
 
 @dataclass
 class SweepConfig:
-    data: str
-    model: str | None = None  # timm name (with pretrained or weights) ...
-    pretrained: bool = False
-    weights: str | None = None
-    checkpoint: str | None = None  # ... or a vitfab checkpoint (e.g. an extracted AutoFormer subnet)
-    img_size: int | None = None
-    patch_size: int | None = None
-    tome_r: list[str] = field(default_factory=lambda: ["0", "4", "8", "12", "16"])
-    precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
-    max_images: int | None = None  # a seeded subset (per folder order) for quick looks
-    batch_size: int = 64
-    seed: int = 0
-    device: str = "auto"
-    repeats: int = 5
-    min_repeat_seconds: float = 1.0
+    data: str | None = option(None, help="Labelled folder: ImageNet-1k val (synset folders) or the model's classes.")
+    model: str | None = option(None, help="timm model name, with --pretrained or --weights.")
+    pretrained: bool = option(False, help="With --model: timm's hub weights.")
+    weights: str | None = option(None, help="With --model: a local weights file.")
+    checkpoint: str | None = option(None, help="Or a vitfab checkpoint (e.g. an extracted AutoFormer subnet).")
+    img_size: int | None = option(None, help="With --model: input size override.")
+    patch_size: int | None = option(None, help="With --model: patch size override.")
+    tome_r: str = option("0,4,8,12,16", help="ToMe schedules, comma list (R, R:INFLECTION, keep=F, macs=F).")
+    precision: str = option("fp32,bf16", help="Precision modes, comma list.")
+    max_images: int | None = option(None, help="A seeded subset of the folder, for a quick look.")
+    batch_size: int = option(64, help="Batch size of the accuracy passes.")
+    seed: int = option(0, help="Seed of the subset.", cli=False)
+    device: str = option("auto", help="auto, cpu or cuda.")
+    repeats: int = option(5, help="Throughput repeats per configuration (median reported).")
+    min_repeat_seconds: float = option(1.0, help="Each throughput repeat lasts at least this long.")
+
+    @property
+    def schedules(self) -> list[str]:
+        return split_list(self.tome_r, "--tome-r")
+
+    @property
+    def precisions(self) -> list[str]:
+        return [parse_precision(p, allow_auto=False).value for p in split_list(self.precision, "--precision")]
 
     def validate(self) -> None:
-        from ..precision import parse_precision
-
         if (self.model is None) == (self.checkpoint is None):
             raise VitfabError("give exactly one of --model NAME or --checkpoint PATH")
         if self.model is not None and not (self.pretrained or self.weights):
@@ -53,18 +69,19 @@ class SweepConfig:
             raise VitfabError(f"weights file not found: {self.weights}")
         if self.checkpoint and not Path(self.checkpoint).exists():
             raise VitfabError(f"checkpoint not found: {self.checkpoint}")
-        if not Path(self.data).is_dir():
+        if self.data is None or not Path(self.data).is_dir():
             raise DataError(f"data folder not found: {self.data}")
-        if not self.tome_r or not self.precisions:
-            raise VitfabError("--tome-r and --precision need at least one value each")
-        for r in self.tome_r:
+        for r in self.schedules:
             parse_tome_spec(r)
-        self.precisions = [parse_precision(p, allow_auto=False).value for p in self.precisions]
+        self.precisions  # noqa: B018 -- parses them
         if self.max_images is not None and self.max_images < 1:
             raise VitfabError("--max-images must be at least 1")
 
     def configs(self) -> list[tuple[str, str]]:
-        return [(r, p) for p in self.precisions for r in self.tome_r]
+        return [(r, p) for p in self.precisions for r in self.schedules]
+
+    def default_out(self) -> Path:
+        return Path("runs") / f"sweep-{self.model or Path(str(self.checkpoint)).name}"
 
 
 def config_key(r: str, precision: str) -> str:
@@ -72,22 +89,38 @@ def config_key(r: str, precision: str) -> str:
 
 
 def load_base(cfg: SweepConfig):
-    from ..models import create_model, load_model
-
     if cfg.checkpoint:
         return load_model(cfg.checkpoint, "cpu")
     return create_model(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, pretrained=cfg.pretrained,
                         weights=cfg.weights).eval()
 
 
-def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True) -> list[dict[str, Any]]:
+def merged_copy(base, r: str):
+    """A copy of ``base`` with the ToMe setting ``r`` (``base`` itself stays as it is)."""
+    return apply_spec(copy.deepcopy(base), parse_tome_spec(r))
+
+
+def _settings_check(cfg: SweepConfig, out: Path) -> None:
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("tome_r", "precision", "device")}
+    settings_path = out / "settings.json"
+    if settings_path.is_file() and read_json(settings_path) != json.loads(json.dumps(settings)):
+        raise VitfabError(f"{out} holds a sweep with other settings (model, data, subset); use another --out")
+    write_json_atomic(settings_path, settings)
+
+
+def _done(results_path: Path) -> dict[str, dict[str, Any]]:
+    done = {}
+    if results_path.is_file():
+        for line in results_path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                done[rec["key"]] = rec
+    return done
+
+
+def run_sweep(cfg: SweepConfig, out: str | Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Every (r, precision): top-1 on the folder (resumable), then img/s interleaved; writes
     results.jsonl, sweep.json, sweep.csv and sweep.png into ``out``."""
-    from ..data.images import scan_checked
-    from ..evaluate.runner import make_eval_loader
-    from ..precision import Precision, prepare_model, unsupported_reason, validation_accuracy
-    from ..runtime import resolve_device
-
     cfg.validate()
     device = resolve_device(cfg.device)
     for p in cfg.precisions:
@@ -95,27 +128,17 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True) -> list[
         if reason:
             raise VitfabError(f"--precision {p}: {reason}")
     base = load_base(cfg)
-    classes = base.vitfab_meta.classes
-    index = scan_checked(cfg.data, progress=progress, classes=classes)
+    index = scan_checked(cfg.data, progress=progress, classes=base.vitfab_meta.classes)
     samples = list(index.samples)
     if not samples:
         raise DataError(f"no images of the model's classes in {cfg.data}")
     if cfg.max_images is not None and cfg.max_images < len(samples):
         samples = sorted(random.Random(cfg.seed).sample(samples, cfg.max_images))
-    out = Path(out)
+    out = Path(out) if out is not None else cfg.default_out()
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("tome_r", "precisions", "device")}
-    settings_path = out / "settings.json"
-    if settings_path.is_file() and read_json(settings_path) != json.loads(json.dumps(settings)):
-        raise VitfabError(f"{out} holds a sweep with other settings (model, data, subset); use another --out")
-    write_json_atomic(settings_path, settings)
+    _settings_check(cfg, out)
     results_path = out / "results.jsonl"
-    done = {}
-    if results_path.is_file():
-        for line in results_path.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                done[rec["key"]] = rec
+    done = _done(results_path)
     todo = [(r, p) for r, p in cfg.configs() if config_key(r, p) not in done]
     if done:
         console.print(f"resuming the sweep in {out}: {len(done)} configuration(s) already measured")
@@ -124,14 +147,14 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True) -> list[
         task = bar.add_task("sweep: accuracy", total=len(cfg.configs()), completed=len(cfg.configs()) - len(todo),
                             info=f"{len(samples)} images")
         for r, p in todo:
-            model = prepare_model(apply_token_merging(copy.deepcopy(base), parse_tome_spec(r)), p, device)
+            model = prepare_model(merged_copy(base, r), p, device)
             acc = validation_accuracy(model, loader, device, Precision(p))
             rec = {"key": config_key(r, p), "tome_r": r, "precision": p, "top1": acc, "images": len(samples)}
             with open(results_path, "a") as fh:  # one line per finished configuration: the resume point
                 fh.write(json.dumps(rec) + "\n")
             done[rec["key"]] = rec
             bar.update(task, advance=1, info=f"{rec['key']}: {100 * acc:.2f} %")
-    rows = measure_speed(cfg, base, [done[config_key(r, p)] for r, p in cfg.configs()], device, progress)
+    rows = measure_sweep_speed(cfg, base, [done[config_key(r, p)] for r, p in cfg.configs()], device, progress)
     write_json_atomic(out / "sweep.json", {"model": base.vitfab_meta.name, "data": str(cfg.data), "device":
                                            str(device), "rows": rows})
     with atomic_path(out / "sweep.csv") as tmp:
@@ -141,29 +164,22 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True) -> list[
     return rows
 
 
-def measure_speed(cfg: SweepConfig, base, records: list[dict[str, Any]], device: torch.device,
-                  progress: bool) -> list[dict[str, Any]]:
-    from ..precision import prepare_model
-    from .counts import count_macs
-    from .timing import interleaved_latency, interleaved_throughput, median
-
+def measure_sweep_speed(cfg: SweepConfig, base, records: list[dict[str, Any]], device: torch.device,
+                        progress: bool) -> list[dict[str, Any]]:
     size = base.vitfab_meta.preprocess.img_size
-    bs = DEFAULT_BATCH.get(device.type, 16)
-    x = torch.randn(bs, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    models, macs = [], []
+    bs = default_batch(device)
+    items, macs = [], []
     for rec in records:
-        merged = apply_token_merging(copy.deepcopy(base), parse_tome_spec(rec["tome_r"]))
+        merged = merged_copy(base, rec["tome_r"])
         macs.append(count_macs(merged))
-        models.append(prepare_model(merged, rec["precision"], device))
-    with make_progress(progress) as bar, torch.inference_mode():
-        t = bar.add_task("sweep: throughput", total=cfg.repeats, info=f"{len(models)} interleaved")
-        speeds = interleaved_throughput([(lambda m=m: m(x)) for m in models], [bs] * len(models), device, cfg.repeats,
-                                        cfg.min_repeat_seconds, on_round=lambda: bar.advance(t))
-        lat = interleaved_latency([(lambda m=m: m(x[:1])) for m in models], device, 20)
-    ref = median(speeds[0])
-    return [rec | {"gmacs": round(mc / 1e9, 4), "img_per_s": round(median(s), 2), "speedup": round(median(s) / ref, 3),
-                   "latency_ms_p50": round(median(lt), 3), "batch_size": bs}
-            for rec, mc, s, lt in zip(records, macs, speeds, lat)]
+        items.append(Timed(prepare_model(merged, rec["precision"], device), (size, size), bs))
+    speeds = measure_speed(items, device, cfg.repeats, cfg.min_repeat_seconds, latency_runs=20, progress=progress,
+                           label="sweep")
+    ref = speeds[0].img_per_s
+    return [rec | {"gmacs": round(mc / 1e9, 4), "img_per_s": round(s.img_per_s, 2),
+                   "speedup": round(s.img_per_s / ref, 3), "latency_ms_p50": round(s.latency_ms_p50, 3),
+                   "batch_size": bs}
+            for rec, mc, s in zip(records, macs, speeds)]
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: Path, name: str) -> Path:

@@ -9,13 +9,14 @@ heads x 64, independent of the embed dim.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..errors import VitfabError
+from ..files import write_text_atomic
 
 
 class SpaceError(VitfabError):
@@ -67,8 +68,6 @@ def load_arch(path: str | Path) -> ArchConfig:
 
 
 def save_arch(arch: ArchConfig, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    from ..files import write_text_atomic
-
     write_text_atomic(path, yaml.safe_dump({"RETRAIN": arch.to_dict(), **(extra or {})}, sort_keys=False))
 
 
@@ -133,8 +132,6 @@ class SearchSpace:
         return space.resized(img_size, patch_size)
 
     def resized(self, img_size: int | None = None, patch_size: int | None = None) -> "SearchSpace":
-        from dataclasses import replace
-
         return replace(self, img_size=img_size or self.img_size, patch_size=patch_size or self.patch_size)
 
     @classmethod

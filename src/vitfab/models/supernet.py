@@ -22,6 +22,7 @@ from torch import nn
 
 from .arch import ArchConfig, SearchSpace, SpaceError
 from .relpos import grid_positions, relative_attention
+from .subnet import subnet_kwargs
 
 LN_EPS = 1e-6  # as timm's ViTs
 
@@ -154,8 +155,6 @@ class Supernet(nn.Module):
 
     def subnet_kwargs(self, arch: ArchConfig) -> dict:
         """``create_model("vitfab_subnet", **...)`` arguments of ``arch`` cut from this supernet."""
-        from .subnet import subnet_kwargs
-
         kw = subnet_kwargs(arch, self.space.head_dim) | {"global_pool": self.global_pool}
         if self.rel_pos:
             kw["rel_pos"] = self.rel_pos

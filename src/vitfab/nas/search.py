@@ -23,10 +23,18 @@ import numpy as np
 import torch
 import yaml
 
+from ..data.split import Split
 from ..errors import VitfabError
+from ..evaluate.runner import make_eval_loader
 from ..files import atomic_path, read_json, write_json_atomic, write_text_atomic
+from ..measure.speed import Timed, measure_speed
 from ..models.arch import ArchConfig, SearchSpace, arch_macs, arch_params
+from ..options import option
 from ..progress import console, make_progress
+from ..rundir import RunDir
+from ..runtime import resolve_device
+from .extract import extract_subnet
+from .train import load_supernet
 
 
 @dataclass
@@ -56,17 +64,17 @@ class Limits:
 
 @dataclass
 class SearchConfig:
-    population: int = 50
-    generations: int = 20
-    parents: int = 10
-    mutations: int = 25
-    crossovers: int = 25
-    p_depth: float = 0.4
-    p_embed: float = 0.4
-    p_heads: float = 0.2
-    p_mlp: float = 0.2
-    seed: int = 0
-    max_tries: int = 500  # random draws allowed per needed candidate before giving up
+    population: int = option(50, help="Candidates per generation.")
+    generations: int = option(20, help="Generations of the evolution.")
+    parents: int = option(10, help="Top-k parents per generation.")
+    mutations: int = option(25, help="Mutated children per generation.")
+    crossovers: int = option(25, help="Crossover children per generation.")
+    p_depth: float = option(0.4, help="Mutation probability of the depth.", cli=False)
+    p_embed: float = option(0.4, help="Mutation probability of the embed dim.", cli=False)
+    p_heads: float = option(0.2, help="Mutation probability of each block's heads.", cli=False)
+    p_mlp: float = option(0.2, help="Mutation probability of each block's MLP ratio.", cli=False)
+    seed: int = option(0, help="Seed of the evolution.")
+    max_tries: int = option(500, help="Random draws allowed per needed candidate before giving up.", cli=False)
 
     def validate(self) -> None:
         if min(self.population, self.generations, self.parents) < 1:
@@ -169,14 +177,10 @@ class EvolutionarySearch:
         """Median batch-1 latency of the extracted subnet on the device, measured once and cached."""
         key = arch.short()
         if key not in self.latency_cache:
-            from ..measure.timing import interleaved_latency, median
-            from .extract import extract_subnet
-
             model = extract_subnet(self.net, arch).to(self.device)
-            x = torch.randn(1, 3, self.space.img_size, self.space.img_size, device=self.device)
-            with torch.inference_mode():
-                samples = interleaved_latency([lambda: model(x)], self.device, runs=15)[0]
-            self.latency_cache[key] = median(samples)
+            size = (self.space.img_size, self.space.img_size)
+            speed = measure_speed([Timed(model, size, 1)], self.device, repeats=0, latency_runs=15)[0]
+            self.latency_cache[key] = speed.latency_ms_p50
         return self.latency_cache[key]
 
     def admissible(self, arch: ArchConfig) -> bool:
@@ -337,3 +341,37 @@ class EvolutionarySearch:
         with atomic_path(self.out / "log.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
         return SearchResult(best, ranked, front, self.out, len(self.evaluated), self.seconds, self.history)
+
+
+@dataclass
+class SearchRequest:
+    """``vitfab nas search``: a trained supernet, the limits, where to write."""
+
+    supernet: str | None = option(None, help="A supernet run folder (`vitfab nas train`).")
+    data: str | None = option(None, help="Where the run's data lives now [default: as recorded].")
+    max_params: float | None = option(None, help="Limit, millions of parameters.")
+    min_params: float | None = option(None, help="Lower limit, millions of parameters.")
+    max_gmacs: float | None = option(None, help="Limit, GMACs per image.")
+    max_latency_ms: float | None = option(None, help="Limit, batch-1 latency on --device (measured, cached).")
+    device: str = option("auto", help="auto, cpu or cuda.")
+    out: str | None = option(None, help="Search folder [default: SUPERNET/search]; resumes if present.")
+
+    def limits(self) -> Limits:
+        millions = (lambda v: None if v is None else v * 1e6)
+        return Limits(millions(self.max_params), millions(self.min_params), self.max_gmacs, self.max_latency_ms)
+
+    def run(self, cfg: SearchConfig, progress: bool = True) -> SearchResult:
+        if self.supernet is None:
+            raise VitfabError("--supernet is required: a supernet run folder (vitfab nas train)")
+        dev = resolve_device(self.device)
+        run = RunDir.open(self.supernet)
+        net = load_supernet(self.supernet, dev)
+        split = Split.load(run.split_path)
+        root = self.data or split.root
+        if not split.val:
+            raise VitfabError(f"{self.supernet} has no validation split to score candidates on")
+        if not Path(root).is_dir():
+            raise VitfabError(f"data folder of this run not found: {root} (pass --data to point to it)")
+        loader = make_eval_loader(root, split.val, net.vitfab_meta.preprocess)
+        out = self.out or run.root / "search"
+        return EvolutionarySearch(net, loader, dev, self.limits(), cfg, out, progress).run()

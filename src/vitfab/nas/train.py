@@ -14,42 +14,40 @@ import contextlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from ..data.transforms import Preprocess
 from ..errors import VitfabError
 from ..models.arch import ArchConfig, SearchSpace
-from ..models.checkpoint import resolve_weights, read_meta
+from ..models.checkpoint import read_meta
 from ..models.meta import ModelMeta
 from ..models.supernet import Supernet
 from ..models.weights import read_state_dict
+from ..options import option
 from ..progress import console
-from ..rundir import RunDir
-from ..runtime import autocast
+from ..rundir import RunDir, resolve_weights
+from ..runtime import autocast, resolve_amp, resolve_device, seeded, world
+from ..runtimes import load_model
 from ..train.config import TrainConfig
-from ..train.loop import (
-    Trainer,
-    TrainResult,
-    epoch_seed,
-    prepare_split,
-    resume_run,
-    seed_everything,
-    start_run,
-)
+from ..train.loop import Trainer, TrainResult, epoch_seed, prepare_split, resume_run, start_run
 
 SUPERNET_NAME = "vitfab_supernet"
 
 
 @dataclass
 class SupernetConfig(TrainConfig):
-    model: str = SUPERNET_NAME
-    space: str = "tiny"  # tiny | small | base | a YAML file
-    sandwich: bool = False
-    num_random: int = 2  # random subnets per sandwich step
-    global_pool: str = "token"
-    init_from: str | None = None  # a trained vitfab checkpoint whose weights seed the leading slices
+    # the architecture is the space's; these TrainConfig fields are not options of `vitfab nas train`
+    CLI_EXCLUDE: ClassVar[tuple[str, ...]] = ("model", "model_args", "pretrained", "weights", "arch",
+                                              "init_checkpoint", "tome")
+    model: str = option(SUPERNET_NAME, help="The supernet (not a timm name).", cli=False)
+    space: str = option("tiny", help="tiny, small, base, or a YAML file with SUPERNET and SEARCH_SPACE.")
+    sandwich: bool = option(False, help="Largest + smallest + random subnets per step, in-place distillation.")
+    num_random: int = option(2, help="Random subnets per sandwich step.")
+    global_pool: str = option("token", help="token (class token) or avg.")
+    init_from: str | None = option(None, help="A trained vitfab checkpoint copied into the leading slices.")
 
     def validate(self) -> None:
         super().validate()
@@ -65,11 +63,11 @@ def step_rng(seed: int, epoch: int, step: int) -> random.Random:
 
 
 def build_supernet(config: SupernetConfig, classes: list[str], with_weights: bool = True) -> Supernet:
-    from ..data.transforms import Preprocess
-
+    """The supernet of a run; its initial weights depend on ``config.seed`` alone (the caller's
+    random state is left as it was)."""
     space = config.search_space()
-    seed_everything(config.seed)
-    net = Supernet(space, len(classes), drop_path_rate=config.drop_path, global_pool=config.global_pool)
+    with seeded(config.seed):
+        net = Supernet(space, len(classes), drop_path_rate=config.drop_path, global_pool=config.global_pool)
     net.vitfab_meta = ModelMeta(
         name=SUPERNET_NAME,
         kwargs={"space": space.to_dict(), "num_classes": len(classes), "global_pool": config.global_pool},
@@ -99,8 +97,6 @@ def load_supernet(path: str | Path, device: str | torch.device = "cpu") -> Super
 def init_from_model(net: Supernet, path: str | Path) -> int:
     """Copy a trained timm ViT (vitfab checkpoint) into the leading slices of the supernet where
     the shapes allow (same patch grid, head width 64); returns how many tensors were copied."""
-    from ..models import load_model
-
     model = load_model(path)
     hd, copied = net.space.head_dim, 0
     heads = {blk.attn.head_dim for blk in model.blocks}
@@ -185,8 +181,8 @@ class SupernetTrainer(Trainer):
 
 
 def check_supernet_config(config: SupernetConfig) -> SearchSpace:
-    from ..runtime import resolve_amp, resolve_device
-
+    if config.data is None:
+        raise VitfabError("--data DIR is required (or --resume RUN_DIR)")
     config.validate()
     resolve_amp(config.amp, resolve_device(config.device))
     if config.init_from and not Path(config.init_from).exists():  # a new run only: resume has the weights
@@ -197,8 +193,6 @@ def check_supernet_config(config: SupernetConfig) -> SearchSpace:
 def train_supernet(config: SupernetConfig, out: str | Path | None = None, progress: bool = True,
                    split=None) -> TrainResult:
     """A new supernet run; ``split``: an existing one to use (the joint optimiser's), else made from the data."""
-    from ..runtime import world
-
     space = check_supernet_config(config)
     split = split or prepare_split(config, progress and world()[0] == 0)
     net = build_supernet(config, split.classes)

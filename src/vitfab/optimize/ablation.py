@@ -16,10 +16,13 @@ import torch
 
 from ..evaluate.metrics import classification_metrics
 from ..evaluate.runner import CachedBatches, collect_logits
-from ..measure.bench import BenchConfig, apply_token_merging, benchmark, load_fp32_model
+from ..measure.bench import BenchConfig, BenchOptions, benchmark, load_fp32_model
 from ..measure.measurement import Measurement
 from ..precision import Precision, prepare_model
 from ..progress import task
+from ..report.summary import AblationRecord
+from ..runtime import resolve_device
+from ..tome import apply_spec
 
 AXES = ("nas", "tome", "bits")
 AXIS_NAMES = {"nas": "NAS", "tome": "ToMe", "bits": "bits"}
@@ -81,7 +84,7 @@ def row_metrics(row: AblationRow, batches: CachedBatches, device: torch.device, 
                 progress: bool = False) -> dict[str, Any]:
     """Test-split metrics of one row, run as measured (ToMe applied, precision prepared)."""
     base = load_fp32_model(row.bench_config(None))
-    model = prepare_model(apply_token_merging(base, row.tome), row.precision, device)
+    model = prepare_model(apply_spec(base, row.tome), row.precision, device)
     logits, targets = collect_logits(model, batches, device, progress=progress, description=row.name)
     return classification_metrics(logits, targets, base.vitfab_meta.classes, good_class)
 
@@ -89,41 +92,36 @@ def row_metrics(row: AblationRow, batches: CachedBatches, device: torch.device, 
 def measure_ablation(
     rows: Sequence[AblationRow],
     test: CachedBatches,
-    device: torch.device,
+    options: BenchOptions,
     good_class: str | None = None,
     batch_size: int | None = None,
-    repeats: int = 5,
-    min_repeat_seconds: float = 1.0,
-    latency_runs: int = 50,
     progress: bool = True,
-) -> list[dict[str, Any]]:
+) -> list[AblationRecord]:
     """Every row: test metrics, then speed, latency, memory and energy of all rows interleaved."""
+    device = resolve_device(options.device)
     metrics = []
     with task("ablation: test split", total=len(rows), enabled=progress) as advance:
         for row in rows:
             metrics.append(row_metrics(row, test, device, good_class))
             advance(1)
-    ms = benchmark([r.bench_config(batch_size) for r in rows], device, repeats=repeats,
-                   min_repeat_seconds=min_repeat_seconds, latency_runs=latency_runs, progress=progress)
+    ms = benchmark([r.bench_config(batch_size) for r in rows], options, progress=progress)
     return [ablation_record(r, m, mt, ms[0]) for r, m, mt in zip(rows, ms, metrics)]
 
 
-def ablation_record(row: AblationRow, m: Measurement, metrics: dict[str, Any], base: Measurement) -> dict[str, Any]:
-    """One row as reported: the summary's fields first, then the rest of the measurement."""
-    no_good = "no good/normal class in this data set (--good-class names one)"
-    rec = {
-        "name": row.name, "axes": list(row.axes), "chosen": row.chosen, "checkpoint": row.checkpoint,
-        "tome": row.tome, "precision": row.precision,
-        "accuracy": metrics["top1"], "macro_f1": metrics["macro_f1"],
-        "escape_rate": metrics.get("escape_rate"), "overkill_rate": metrics.get("overkill_rate"),
-        "params": m.params, "gmacs": round(m.gmacs, 4), "img_per_s": round(m.img_per_s, 2),
-        "speedup": round(m.img_per_s / base.img_per_s, 3) if base.img_per_s else None,
-        "latency_ms_p50": round(m.latency_ms["p50"], 3), "latency_ms_p99": round(m.latency_ms["p99"], 3),
-        "joules_per_img": m.joules_per_img, "energy_note": m.energy.reason,
-        "peak_memory_mb": m.peak_memory_mb, "batch_size": m.batch_size, "img_size": m.img_size,
-        "r_per_layer": (m.tome or {}).get("r_per_layer"), "img_per_s_runs": m.img_per_s_runs,
-        "confusion_matrix": metrics["confusion_matrix"], "classes": metrics["classes"],
-    }
-    if "escape_rate" not in metrics:
-        rec["escape_note"] = no_good
-    return rec
+NO_GOOD = "no good/normal class in this data set (--good-class names one)"
+
+
+def ablation_record(row: AblationRow, m: Measurement, metrics: dict[str, Any], base: Measurement) -> AblationRecord:
+    """One row as reported: the test metrics and the measurement."""
+    return AblationRecord(
+        name=row.name, axes=list(row.axes), chosen=row.chosen, checkpoint=row.checkpoint, tome=row.tome,
+        precision=row.precision, accuracy=metrics["top1"], macro_f1=metrics["macro_f1"],
+        escape_rate=metrics.get("escape_rate"), overkill_rate=metrics.get("overkill_rate"),
+        params=m.params, gmacs=round(m.gmacs, 4), img_per_s=round(m.img_per_s, 2),
+        speedup=round(m.img_per_s / base.img_per_s, 3) if base.img_per_s else None,
+        latency_ms_p50=round(m.latency_ms["p50"], 3), latency_ms_p99=round(m.latency_ms["p99"], 3),
+        joules_per_img=m.joules_per_img, energy_note=m.energy.reason, peak_memory_mb=m.peak_memory_mb,
+        batch_size=m.batch_size, img_size=m.img_size, r_per_layer=(m.tome or {}).get("r_per_layer"),
+        img_per_s_runs=m.img_per_s_runs, confusion_matrix=metrics["confusion_matrix"], classes=metrics["classes"],
+        escape_note=None if "escape_rate" in metrics else NO_GOOD,
+    )

@@ -19,16 +19,10 @@ import torch.nn.functional as F
 
 from ..runtime import autocast
 
-STAGE_WEIGHTS = {  # relative shares of the budget
-    "data": 0.05, "baseline": 3.0, "supernet": 3.0, "search": 0.7, "finetune": 1.6, "joint": 0.8,
-    "final": 0.6, "export": 0.2, "ablation": 1.3, "report": 0.3,
-}
-STAGES = tuple(STAGE_WEIGHTS)
-
-
 @dataclass
 class Budget:
     seconds: float | None  # None: no limit
+    weights: dict[str, float] = field(default_factory=dict)  # every stage's share, in pipeline order
     spent: float = 0.0  # seconds used by finished stages (kept across a resume)
     done: list[str] = field(default_factory=list)
     cuts: list[str] = field(default_factory=list)
@@ -37,9 +31,9 @@ class Budget:
         """The seconds ``stage`` may use now: its weight's part of what is left."""
         if self.seconds is None:
             return None
-        left = [s for s in STAGES if s not in self.done]
-        weights = sum(STAGE_WEIGHTS[s] for s in left) or 1.0
-        return max(self.seconds - self.spent, 0.0) * STAGE_WEIGHTS[stage] / weights
+        left = [s for s in self.weights if s not in self.done]
+        weights = sum(self.weights[s] for s in left) or 1.0
+        return max(self.seconds - self.spent, 0.0) * self.weights[stage] / weights
 
     def finish(self, stage: str, seconds: float) -> None:
         if stage not in self.done:
@@ -66,8 +60,9 @@ class Budget:
         return {"seconds": self.seconds, "spent": self.spent, "done": self.done, "cuts": self.cuts}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Budget":
-        return cls(d.get("seconds"), d.get("spent", 0.0), list(d.get("done", [])), list(d.get("cuts", [])))
+    def from_dict(cls, d: dict[str, Any], weights: dict[str, float]) -> "Budget":
+        return cls(d.get("seconds"), dict(weights), d.get("spent", 0.0), list(d.get("done", [])),
+                   list(d.get("cuts", [])))
 
 
 def probe_train_speed(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device, amp: str,
@@ -77,8 +72,9 @@ def probe_train_speed(model: torch.nn.Module, batch_size: int, img_size: int, de
     step slowed by another process on a shared machine does not set the plan."""
     model = model.to(device).train()
     num_classes = model.num_classes
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    y = torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
+    gen = torch.Generator().manual_seed(0)  # the probe leaves the global RNG alone
+    x = torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(device)
+    y = torch.randint(0, max(num_classes, 1), (batch_size,), generator=gen).to(device)
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()

@@ -10,52 +10,25 @@ the most accurate one, flagged.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ..errors import VitfabError
+from ..evaluate.accuracy import prepared_accuracy
 from ..evaluate.runner import CachedBatches
-from ..measure.bench import apply_token_merging
 from ..measure.counts import count_macs, count_params
-from ..measure.energy import EnergyUnavailable, measure_energy, open_energy_counter
-from ..measure.timing import interleaved_latency, interleaved_throughput, median
+from ..measure.energy import MIN_WINDOW_SECONDS, EnergyUnavailable, open_energy_counter
+from ..measure.speed import Timed, measure_speed
 from ..nas.search import pareto_front
 from ..precision import Precision
-from ..precision.auto import prepared_accuracy
 from ..progress import make_progress
-from ..tome import ScheduleError, tome_info
+from ..runtimes import load_model
+from ..tome import ScheduleError, apply_spec, tome_info
 
 OBJECTIVES = ("throughput", "latency", "energy")
-
-
-@dataclass
-class Requirement:
-    """What the chosen model must reach on validation: an absolute top-1, or at most
-    ``max_drop`` points below the baseline's."""
-
-    min_accuracy: float | None = None  # fraction in [0, 1]
-    max_drop: float | None = 1.0  # points of top-1
-
-    def validate(self) -> None:
-        if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 1:
-            raise VitfabError(f"--min-accuracy must lie in [0, 1] (or 0-100 in percent), got {self.min_accuracy}")
-        if self.max_drop is not None and self.max_drop < 0:
-            raise VitfabError(f"--max-drop must be >= 0 points, got {self.max_drop}")
-
-    def threshold(self, baseline_accuracy: float) -> float:
-        if self.min_accuracy is not None:
-            return self.min_accuracy
-        return baseline_accuracy - (self.max_drop or 0.0) / 100
-
-    def describe(self, baseline_accuracy: float | None = None) -> str:
-        if self.min_accuracy is not None:
-            return f"validation top-1 >= {100 * self.min_accuracy:.2f} %"
-        text = f"validation top-1 at most {self.max_drop:g} points below the DeiT-B/16 baseline"
-        if baseline_accuracy is not None:
-            text += f" ({100 * baseline_accuracy:.2f} % -> >= {100 * self.threshold(baseline_accuracy):.2f} %)"
-        return text
 
 
 @dataclass
@@ -131,6 +104,33 @@ def check_objective(objective: str, device: torch.device) -> None:
             close()
 
 
+def _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar):
+    """Every (model, schedule, precision) with its validation top-1; and the prepared models."""
+    cands: list[JointCandidate] = []
+    ready: list[tuple[JointCandidate, torch.nn.Module]] = []
+    t = bar.add_task("joint search: accuracy", total=len(models) * len(schedules) * len(precisions), info="")
+    for label, ckpt, arch in models:
+        fp32 = load(ckpt)
+        for spec in schedules:
+            try:  # a copy per schedule: tome.apply patches in place
+                merged, err = apply_spec(copy.deepcopy(fp32), spec), None
+            except ScheduleError as exc:
+                merged, err = None, str(exc)
+            info = tome_info(merged) if merged is not None else None
+            params = count_params(merged) if merged is not None else 0
+            macs = count_macs(merged) if merged is not None else 0
+            for p in precisions:
+                c = JointCandidate(label, ckpt, spec, p.value, arch, params, macs / 1e9,
+                                   info["r_per_layer"] if info else [], error=err)
+                cands.append(c)
+                if err is None:
+                    m, c.accuracy, c.error = prepared_accuracy(merged, p, val_batches, device)
+                    if m is not None:
+                        ready.append((c, m))
+                bar.update(t, advance=1, info=c.key)
+    return cands, ready
+
+
 def joint_search(
     models: Sequence[tuple[str, str, str]],
     schedules: Sequence[str | None],
@@ -143,57 +143,22 @@ def joint_search(
     min_repeat_seconds: float = 0.25,
     latency_runs: int = 20,
     progress: bool = True,
-    load: Callable[[str], torch.nn.Module] | None = None,
+    load: Callable[[str], torch.nn.Module] = load_model,
 ) -> list[JointCandidate]:
     """Every (model, schedule, precision): validation top-1, then speed, interleaved.
 
     ``models``: (label, checkpoint, arch description). ``load(checkpoint)`` gives the fp32 model
     (default ``vitfab.load_model``).
     """
-    if load is None:
-        from ..models import load_model as load
     device = torch.device(device)
-    cands: list[JointCandidate] = []
-    ready: list[tuple[JointCandidate, torch.nn.Module]] = []
-    total = len(models) * len(schedules) * len(precisions)
     with make_progress(progress) as bar:
-        t = bar.add_task("joint search: accuracy", total=total, info="")
-        for label, ckpt, arch in models:
-            fp32 = load(ckpt)
-            for spec in schedules:
-                try:
-                    merged = apply_token_merging(fp32, spec)
-                    err = None
-                except ScheduleError as exc:
-                    merged, err = None, str(exc)
-                info = tome_info(merged) if merged is not None else None
-                params = count_params(merged) if merged is not None else 0
-                macs = count_macs(merged) if merged is not None else 0
-                for p in precisions:
-                    c = JointCandidate(label, ckpt, spec, p.value, arch, params, macs / 1e9,
-                                       info["r_per_layer"] if info else [], error=err)
-                    cands.append(c)
-                    if err is None:
-                        m, c.accuracy, c.error = prepared_accuracy(merged, p, val_batches, device)
-                        if m is not None:
-                            ready.append((c, m))
-                    bar.update(t, advance=1, info=c.key)
+        cands, ready = _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar)
         if ready:
-            x = torch.randn(batch_size, 3, *val_batches.image_size, generator=torch.Generator().manual_seed(0))
-            x, x1 = x.to(device), x[:1].to(device)
-            fns = [(lambda m=m: m(x)) for _, m in ready]
-            fns1 = [(lambda m=m: m(x1)) for _, m in ready]
-            with torch.inference_mode():
-                t = bar.add_task("joint search: throughput", total=repeats, info=f"{len(ready)} interleaved")
-                speeds = interleaved_throughput(fns, [batch_size] * len(fns), device, repeats, min_repeat_seconds,
-                                                on_round=lambda: bar.advance(t))
-                t = bar.add_task("joint search: latency", total=latency_runs, info="batch 1")
-                lats = interleaved_latency(fns1, device, latency_runs, on_round=lambda: bar.advance(t))
-                for (c, _), s, lat in zip(ready, speeds, lats):
-                    c.img_per_s, c.latency_ms = median(s), median(lat)
-                if objective == "energy":
-                    t = bar.add_task("joint search: energy", total=len(ready), info=">= 3 s each")
-                    for (c, _), fn in zip(ready, fns):
-                        c.joules_per_img = measure_energy(fn, batch_size, device).joules_per_img
-                        bar.advance(t)
+            items = [Timed(m, val_batches.image_size, batch_size) for _, m in ready]
+            energy = MIN_WINDOW_SECONDS if objective == "energy" else None
+            speeds = measure_speed(items, device, repeats, min_repeat_seconds, latency_runs, energy, progress=bar,
+                                   label="joint search")
+            for (c, _), s in zip(ready, speeds):
+                c.img_per_s, c.latency_ms = s.img_per_s, s.latency_ms_p50
+                c.joules_per_img = s.energy.joules_per_img if s.energy else None
     return cands

@@ -1,8 +1,9 @@
-"""``auto``: measure every mode on the target device, keep the fastest that stays accurate.
+"""``auto``: the rule that picks a mode from measured trials, the fastest that stays accurate.
 
 Nothing is assumed about the hardware: on a CPU without fast fp16 the fp16 trial is simply
 slow, and on one with native bf16 the bf16 trial is simply fast. A mode is accepted when its
-logits are finite and its validation top-1 is within ``tolerance`` of fp32's.
+logits are finite and its validation top-1 is within ``tolerance`` of fp32's. Measuring the
+trials is ``measure.select_precision``'s job; this module only decides.
 """
 
 from __future__ import annotations
@@ -11,13 +12,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
-
-from ..progress import task
-from .cast import check_finite, prepare_model
-from .modes import Precision, PrecisionError, candidate_precisions
+from .modes import Precision, PrecisionError
 
 DEFAULT_TOLERANCE = 0.01  # top-1, absolute (one point)
 
@@ -74,61 +69,6 @@ def choose_precision(
     return PrecisionChoice(Precision(best.precision), device, tolerance, ref.accuracy, trials)
 
 
-def validation_accuracy(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision) -> float:
-    """Top-1 of a prepared model over ``loader``, with the non-finite-logits guard."""
-    from ..evaluate.runner import collect_logits
-
-    logits, targets = collect_logits(model, loader, device, progress=False)
-    check_finite(torch.from_numpy(logits), precision)
-    return float((logits.argmax(1) == targets).mean()) if len(targets) else 0.0
-
-
-def prepared_accuracy(model: nn.Module, precision: Precision, loader, device: torch.device):
-    """(the model prepared in ``precision``, its top-1 over ``loader``, None), or (None, None, the
-    reason) where the mode cannot run here or gives non-finite logits."""
-    try:
-        m = prepare_model(model, precision, device)
-        return m, validation_accuracy(m, loader, device, precision), None
-    except PrecisionError as exc:
-        return None, None, str(exc)
-
-
-def select_precision(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device | str = "cpu",
-    tolerance: float = DEFAULT_TOLERANCE,
-    candidates: Sequence[Precision | str] | None = None,
-    repeats: int = 3,
-    min_repeat_seconds: float = 0.5,
-    progress: bool = True,
-) -> PrecisionChoice:
-    """Resolve ``auto`` for ``model`` on ``device`` using the labelled ``loader`` (validation)."""
-    from ..measure.timing import interleaved_throughput, median
-
-    device = torch.device(device)
-    modes = [Precision(p) for p in candidates] if candidates else candidate_precisions(device)
-    if Precision.FP32 not in modes:
-        modes.insert(0, Precision.FP32)
-    x = next(iter(loader))[0].to(device)
-    trials, runnable = [], []
-    with task("precision: accuracy", total=len(modes), enabled=progress) as advance:
-        for p in modes:
-            trial = PrecisionTrial(p.value)
-            trials.append(trial)
-            m, trial.accuracy, trial.error = prepared_accuracy(model, p, loader, device)
-            if m is not None:
-                runnable.append((trial, m))
-            advance(1, p.value)
-    fns = [(lambda m=m: m(x)) for _, m in runnable]
-    with task("precision: speed", total=repeats, enabled=progress) as advance, torch.inference_mode():
-        speeds = interleaved_throughput(fns, [len(x)] * len(fns), device, repeats, min_repeat_seconds,
-                                        on_round=advance)
-    for (trial, _), runs in zip(runnable, speeds):
-        trial.img_per_s = median(runs)
-    return choose_precision(trials, tolerance, str(device))
-
-
 def accuracy_table(choice: PrecisionChoice) -> list[dict[str, Any]]:
     """Rows for display: mode, top-1, change vs fp32 (points), img/s, speed vs fp32, verdict."""
     ref = next(t for t in choice.trials if t.precision == "fp32")
@@ -146,5 +86,4 @@ def accuracy_table(choice: PrecisionChoice) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["DEFAULT_TOLERANCE", "PrecisionChoice", "PrecisionTrial", "accuracy_table", "choose_precision",
-           "select_precision", "validation_accuracy"]
+__all__ = ["DEFAULT_TOLERANCE", "PrecisionChoice", "PrecisionTrial", "accuracy_table", "choose_precision"]

@@ -57,7 +57,7 @@ def _autocast_forward(forward, device: torch.device, amp: str, *args, **kwargs):
 def quantize_linear_int8(model: nn.Module) -> nn.Module:
     """Dynamic int8 quantisation of the Linear layers through ``torch.ao.quantization.quantize_dynamic``
     (fbgemm/x86 kernels; 2.7x fp32 on this project's CPU, where torchao 0.18's eager int8 path
-    gave 1.2x)."""
+    gave 1.2x). In place: the Linear layers of ``model`` itself are replaced."""
     try:
         from torch.ao.quantization import quantize_dynamic
     except ImportError:
@@ -73,7 +73,8 @@ def prepare_model(
     device: torch.device | str = "cpu",
     method: str = "cast",
 ) -> nn.Module:
-    """A copy of ``model`` (in eval mode) that runs in ``precision`` on ``device``."""
+    """A copy of ``model`` (in eval mode) that runs in ``precision`` on ``device``; ``model``
+    itself is left as it was."""
     precision = Precision(precision)
     device = torch.device(device)
     check_supported(precision, device)

@@ -7,6 +7,7 @@ import enum
 import torch
 
 from ..errors import VitfabError
+from ..runtime import cpu_has_native_bf16
 
 
 class PrecisionError(VitfabError):
@@ -85,8 +86,6 @@ def useful_precisions(device: torch.device) -> list[Precision]:
     """The modes worth measuring in a search on ``device``: every runnable one, except fp16 on a
     CPU without native bf16/fp16 arithmetic (emulated; measured at 0.19x fp32 on an AVX512-BF16
     EPYC, see the README) -- ``--precisions`` asks for it explicitly."""
-    from ..runtime import cpu_has_native_bf16
-
     modes = candidate_precisions(device)
     if device.type == "cpu":
         modes = [p for p in modes if p is not Precision.FP16]

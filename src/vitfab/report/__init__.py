@@ -1,5 +1,6 @@
-"""The evidence of a main-job run: report.md / report.html, PNG figures, summary.json."""
+"""The evidence of a main-job run: ``Summary`` (summary.json), report.md / report.html, PNG figures."""
 
-from .render import markdown_to_html, render_markdown, write_report
+from .render import ablation_table, markdown_to_html, render_markdown, write_report
+from .summary import SUMMARY_FORMAT, Summary
 
-__all__ = ["markdown_to_html", "render_markdown", "write_report"]
+__all__ = ["SUMMARY_FORMAT", "Summary", "ablation_table", "markdown_to_html", "render_markdown", "write_report"]

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
+from ..data.images import load_image
+from ..data.transforms import eval_transform
 from ..files import atomic_path
+from ..tome import resolve_schedule, token_counts
+from ..tome.patch import num_input_tokens
+from ..tome.visualize import patch_groups, render_groups
+from .summary import AblationRecord, CandidateRow
 
 
 def _plt():
@@ -46,40 +53,39 @@ OBJECTIVE_AXIS = {"throughput": ("img_per_s", "img/s"), "latency": ("latency_ms"
                   "energy": ("joules_per_img", "J/img")}
 
 
-def plot_pareto(candidates: Sequence[dict[str, Any]], front: Sequence[str], chosen: str | None,
-                rows: Sequence[dict[str, Any]], path: Path, threshold: float | None = None,
-                objective: str = "throughput") -> Path:
+def plot_pareto(candidates: Sequence[CandidateRow], rows: Sequence[AblationRecord], path: Path,
+                threshold: float | None = None, objective: str = "throughput") -> Path:
     """Left: the joint search on validation against the objective's own metric (every candidate,
     the front, the choice). Right: the ablation rows on test, coloured by how many axes they use."""
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
     key, label = OBJECTIVE_AXIS.get(objective, OBJECTIVE_AXIS["throughput"])
-    ok = [c for c in candidates if c.get("accuracy") is not None and c.get(key)]
+    ok = [c for c in candidates if c.accuracy is not None and getattr(c, key)]
     if ok:
-        a.scatter([c[key] for c in ok], [100 * c["accuracy"] for c in ok], s=18, c="#9aa7b1", label="candidate")
-        fr = sorted((c for c in ok if c["key"] in front), key=lambda c: c[key])
-        a.plot([c[key] for c in fr], [100 * c["accuracy"] for c in fr], "-o", c="#1f77b4", ms=5,
+        a.scatter([getattr(c, key) for c in ok], [100 * c.accuracy for c in ok], s=18, c="#9aa7b1", label="candidate")
+        fr = sorted((c for c in ok if c.front), key=lambda c: getattr(c, key))
+        a.plot([getattr(c, key) for c in fr], [100 * c.accuracy for c in fr], "-o", c="#1f77b4", ms=5,
                label="Pareto front")
         for c in ok:
-            if c["key"] == chosen:
-                a.scatter([c[key]], [100 * c["accuracy"]], s=160, marker="*", c="#d62728", zorder=5, label="chosen")
+            if c.chosen:
+                a.scatter([getattr(c, key)], [100 * c.accuracy], s=160, marker="*", c="#d62728", zorder=5,
+                          label="chosen")
         if threshold is not None:
             a.axhline(100 * threshold, ls="--", c="#2ca02c", lw=1, label="requirement")
-        _log_x(a, [c[key] for c in ok])
+        _log_x(a, [getattr(c, key) for c in ok])
     a.set_xlabel(label + ("" if key == "img_per_s" else " (lower is better)"))
     a.set_ylabel("validation top-1 (%)")
     a.set_title("joint search: subnet x ToMe x precision")
     a.legend(fontsize=8)
-    for i, r in enumerate(sorted(rows, key=lambda r: r["img_per_s"])):
-        n = len(r["axes"])
-        b.scatter([r["img_per_s"]], [100 * r["accuracy"]], s=140 if r.get("chosen") else 50,
-                  marker="*" if r.get("chosen") else "o", c=AXIS_COLOURS[n], zorder=3)
-        b.annotate(r["name"], (r["img_per_s"], 100 * r["accuracy"]), fontsize=7, rotation=30,
+    for i, r in enumerate(sorted(rows, key=lambda r: r.img_per_s)):
+        b.scatter([r.img_per_s], [100 * r.accuracy], s=140 if r.chosen else 50, marker="*" if r.chosen else "o",
+                  c=AXIS_COLOURS[len(r.axes)], zorder=3)
+        b.annotate(r.name, (r.img_per_s, 100 * r.accuracy), fontsize=7, rotation=30,
                    xytext=(4, 6 if i % 2 == 0 else -12), textcoords="offset points")
-    for n, label in ((0, "baseline"), (1, "one axis"), (2, "two axes"), (3, "all three")):
-        b.scatter([], [], c=AXIS_COLOURS[n], label=label)
+    for n, name in ((0, "baseline"), (1, "one axis"), (2, "two axes"), (3, "all three")):
+        b.scatter([], [], c=AXIS_COLOURS[n], label=name)
     if rows:
-        _log_x(b, [r["img_per_s"] for r in rows])
+        _log_x(b, [r.img_per_s for r in rows])
     b.set_xlabel("img/s")
     b.set_ylabel("test top-1 (%)")
     b.set_title("ablation (test split)")
@@ -87,14 +93,14 @@ def plot_pareto(candidates: Sequence[dict[str, Any]], front: Sequence[str], chos
     return _save(fig, path)
 
 
-def plot_speedup(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+def plot_speedup(rows: Sequence[AblationRecord], path: Path) -> Path:
     """Throughput speedup over the baseline for every ablation row (log scale)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
-    names = [r["name"] + ("  (chosen)" if r.get("chosen") else "") for r in rows]
-    vals = [r["speedup"] or 0.0 for r in rows]
+    names = [r.name + ("  (chosen)" if r.chosen else "") for r in rows]
+    vals = [r.speedup or 0.0 for r in rows]
     y = np.arange(len(rows))[::-1]
-    ax.barh(y, vals, color=[AXIS_COLOURS[len(r["axes"])] for r in rows])
+    ax.barh(y, vals, color=[AXIS_COLOURS[len(r.axes)] for r in rows])
     for yi, v in zip(y, vals):
         ax.text(v, yi, f" {v:.2f}x", va="center", fontsize=8)
     ax.set_yticks(y, names, fontsize=8)
@@ -109,8 +115,6 @@ def readable_prefix(r_per_layer: Sequence[int], num_tokens: int, protected: int)
     """How many blocks of the schedule to show: the most after which at least a quarter of the
     patches (and 4) remain as separate groups -- after the last block a strong schedule may have
     merged everything into one token, which shows nothing."""
-    from ..tome import token_counts
-
     patches = num_tokens - protected
     keep = 0
     for n in range(1, len(r_per_layer) + 1):
@@ -122,14 +126,6 @@ def readable_prefix(r_per_layer: Sequence[int], num_tokens: int, protected: int)
 def plot_tome_merges(model, split, schedule: str | None, path: Path, per_class: int = 2) -> Path:
     """A few test images of each class beside the chosen model's merged patch groups (after the
     deepest block where a quarter of the patches are still separate groups)."""
-    from PIL import Image
-
-    from ..data.images import load_image
-    from ..data.transforms import eval_transform
-    from ..tome import resolve_schedule
-    from ..tome.patch import num_input_tokens
-    from ..tome.visualize import patch_groups, render_groups
-
     plt = _plt()
     meta = model.vitfab_meta
     size = meta.preprocess.img_size

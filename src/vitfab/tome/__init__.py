@@ -9,6 +9,8 @@ from .merge import Matching, bipartite_soft_matching, clip_r, merge_source, merg
 from .patch import (
     ToMeError,
     apply,
+    apply_recorded,
+    apply_spec,
     block_macs,
     is_patched,
     remove,
@@ -16,10 +18,10 @@ from .patch import (
     set_schedule,
     tome_info,
 )
-from .schedule import Schedule, ScheduleError, token_counts
+from .schedule import RECORDED, Schedule, ScheduleError, parse_tome_spec, token_counts
 
 __all__ = [
-    "Matching", "Schedule", "ScheduleError", "ToMeError", "apply", "bipartite_soft_matching", "block_macs",
-    "clip_r", "is_patched", "merge_source", "merge_wavg", "remove", "resolve_schedule", "set_schedule",
-    "token_counts", "tome_info",
+    "Matching", "RECORDED", "Schedule", "ScheduleError", "ToMeError", "apply", "apply_recorded", "apply_spec",
+    "bipartite_soft_matching", "block_macs", "clip_r", "is_patched", "merge_source", "merge_wavg",
+    "parse_tome_spec", "remove", "resolve_schedule", "set_schedule", "token_counts", "tome_info",
 ]

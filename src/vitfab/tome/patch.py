@@ -1,5 +1,7 @@
 """ToMe for timm ``VisionTransformer``s: patch in place, change the schedule, remove.
 
+Every function here changes the model it is given, in place, and returns it; none copies.
+
 The patch swaps classes, never weights: each ``Block`` becomes a ``ToMeBlock`` (merging between
 attention and MLP), each ``Attention`` a ``ToMeAttention`` (returns the keys averaged over heads
 as the matching metric; proportional attention adds log(size) of each key to the logits through
@@ -21,7 +23,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from ..errors import VitfabError
 from ..models.relpos import RelPosAttention, grid_positions
 from .merge import bipartite_soft_matching, clip_r, merge_source, merge_wavg
-from .schedule import Schedule, ScheduleSpec, resolve_target
+from .schedule import RECORDED, Schedule, ScheduleSpec, resolve_target
 
 
 class ToMeError(VitfabError):
@@ -125,6 +127,10 @@ class ToMeModelMixin:
     def forward_intermediates(self, *args, **kwargs):
         raise ToMeError("forward_intermediates returns token grids, which merged tokens no longer form")
 
+    def vitfab_checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint of this model records beside its weights (``models.checkpoint``)."""
+        return {"tome": tome_info(self)}
+
     def pool(self, x, pool_type=None):
         pool_type = self.global_pool if pool_type is None else pool_type
         size = self._tome.size
@@ -201,7 +207,7 @@ def resolve_schedule(model: VisionTransformer, r: ScheduleSpec) -> tuple[Schedul
 
 def apply(model: VisionTransformer, r: ScheduleSpec = 0, prop_attn: bool = True,
           trace_source: bool = False) -> VisionTransformer:
-    """Patch ``model`` in place for token merging with schedule ``r``; returns it.
+    """Patch ``model`` in place (no copy) for token merging with schedule ``r``; returns it.
 
     Calling it again on a patched model changes the schedule and options.
     """
@@ -224,7 +230,7 @@ def apply(model: VisionTransformer, r: ScheduleSpec = 0, prop_attn: bool = True,
 
 
 def set_schedule(model: VisionTransformer, r: ScheduleSpec) -> None:
-    """Change the schedule of a patched model (options unchanged)."""
+    """Change the schedule of a patched model in place (options unchanged)."""
     if not is_patched(model):
         raise ToMeError("the model is not patched for ToMe; call vitfab.tome.apply first")
     state = model._tome
@@ -233,7 +239,7 @@ def set_schedule(model: VisionTransformer, r: ScheduleSpec) -> None:
 
 
 def remove(model: VisionTransformer) -> VisionTransformer:
-    """Undo :func:`apply`: the original classes are back; weights were never touched."""
+    """Undo :func:`apply` in place: the original classes are back; weights were never touched."""
     if not is_patched(model):
         return model
     for blk in model.blocks:
@@ -253,3 +259,22 @@ def tome_info(model: torch.nn.Module) -> dict[str, Any] | None:
     s = model._tome
     return {"schedule": s.schedule.describe(), "spec": s.schedule.spec(), "r_per_layer": list(s.r),
             "prop_attn": s.prop_attn}
+
+
+def apply_spec(model: VisionTransformer, spec: str | None) -> VisionTransformer:
+    """A command's ToMe setting (see ``parse_tome_spec``), in place: the schedule ``spec``; the
+    stock model for None (merging removed, also from a model loaded with a recorded schedule);
+    the model as it is for ``recorded``."""
+    if spec == RECORDED:
+        return model
+    if spec is None:
+        return remove(model)
+    return apply(model, spec)
+
+
+def apply_recorded(model: VisionTransformer, recorded: dict[str, Any] | None) -> VisionTransformer:
+    """Re-apply a schedule as ``tome_info`` recorded it (in a checkpoint's metadata), in place;
+    the model unchanged where nothing was recorded."""
+    if recorded:
+        apply(model, recorded.get("spec", list(recorded["r_per_layer"])), prop_attn=recorded.get("prop_attn", True))
+    return model

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
 from ..errors import VitfabError
+from ..options import RECORDED
 from .merge import clip_r
 
 ScheduleSpec = Union[int, tuple, list, str, "Schedule", None]
+NO_MERGING = ("none", "stock", "off")
 
 
 class ScheduleError(VitfabError):
@@ -126,6 +128,21 @@ class Schedule:
         if self.kind == "list":
             return "r=[" + ",".join(map(str, self.values)) + "]"
         return f"{self.kind}={self.target:g}"
+
+
+def parse_tome_spec(value: str | None) -> str | None:
+    """A command's ToMe setting: ``none``/``stock``/``off`` -> None (the stock model, merging
+    removed); ``recorded`` -> the schedule saved with the checkpoint, as it is; anything else is
+    a schedule, checked here and returned as given."""
+    if value is None:
+        return None
+    value = str(value).strip()
+    if value.lower() in NO_MERGING:
+        return None
+    if value.lower() == RECORDED:
+        return RECORDED
+    Schedule.parse(value)
+    return value
 
 
 def token_counts(r_per_layer: Sequence[int], num_tokens: int, protected: int) -> list[int]:

@@ -1,58 +1,76 @@
-"""``TrainConfig``: every knob of a fine-tuning run, saved to the run folder."""
+"""``TrainConfig``: every knob of a fine-tuning run, saved to the run folder.
+
+Each field is also a ``vitfab train`` option (same name with dashes, same default, this help).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import dataclasses
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import VitfabError
+from ..models.arch import load_arch
+from ..models.checkpoint import read_meta
+from ..models.subnet import subnet_kwargs
+from ..options import option, parse_key_values
+from ..rundir import resolve_weights
 from ..runtime import AMP_MODES
-
+from ..tome import Schedule
 
 DISTILL_MODES = ("soft", "hard")
 
 
 @dataclass
 class TrainConfig:
-    data: str
-    model: str = "deit_tiny_patch16_224"
-    img_size: int | None = None
-    patch_size: int | None = None
-    model_args: dict[str, Any] = field(default_factory=dict)
-    pretrained: bool = False
-    weights: str | None = None
-    tome: str | None = None  # ToMe schedule to train with (R, R:INFLECTION, list, keep=F, macs=F)
+    data: str | None = option(None, help="ImageFolder dataset (<class>/<image>).")
+    model: str = option("deit_tiny_patch16_224", help="timm ViT name; the reference is deit_base_patch16_224.")
+    img_size: int | None = option(None, help="Override the input size (position embeddings resized).")
+    patch_size: int | None = option(None, help="Override the patch size.")
+    model_args: dict[str, Any] = option(default_factory=dict, flag="model-arg", cli_type=list[str], cli_default=[],
+                                        parse=parse_key_values,
+                                        help="Extra timm argument KEY=VALUE (e.g. depth=6); repeatable.")
+    pretrained: bool = option(False, help="Start from timm's hub weights (needs the network).")
+    weights: str | None = option(None, help="Start from a local .safetensors/.pth/.pt file.")
+    arch: str | None = option(None, help="Train an AutoFormer subnet (a RETRAIN YAML) as a standalone model "
+                                         "(vitfab_subnet); e.g. the best.yaml of `vitfab nas search`.")
+    init_checkpoint: str | None = option(None, help="Fine-tune a vitfab checkpoint (e.g. an extracted subnet): its "
+                                                    "architecture and weights; head replaced for other classes, "
+                                                    "position embedding resized.")
+    tome: str | None = option(None, flag="tome-r", help="Train with token merging on: R, R:INFLECTION, R1/R2/..., "
+                                                        "keep=F or macs=F (recorded in the checkpoints).")
     # knowledge distillation from a trained vitfab checkpoint (same classes): DeiT's soft or hard form
-    teacher: str | None = None
-    distill: str = "soft"  # soft: (1-a) CE + a T^2 KL(student/T || teacher/T); hard: CE(labels)/2 + CE(teacher argmax)/2
-    distill_alpha: float = 0.5
-    distill_tau: float = 1.0
+    teacher: str | None = option(None, help="Distil from this trained vitfab checkpoint (same classes).")
+    distill: str = option("soft", help="With --teacher: soft, (1-a) CE + a T^2 KL(student/T || teacher/T); or hard, "
+                                       "CE(labels)/2 + CE(teacher argmax)/2.")
+    distill_alpha: float = option(0.5, help="With --teacher --distill soft: weight a of the KL term.")
+    distill_tau: float = option(1.0, help="With --teacher --distill soft: temperature T.")
     # the DeiT fine-tuning recipe
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float | None = None  # None: 5e-4 from scratch, 1e-4 from pretrained/local weights
-    weight_decay: float = 0.05
-    warmup_epochs: float = 2.0
-    min_lr: float = 1e-6
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    drop_path: float = 0.1
-    augment: bool = True  # off: the evaluation transform in training too (deterministic batches)
-    clip_grad: float | None = None
-    amp: str = "auto"
-    accum_steps: int = 1
-    seed: int = 0
+    epochs: int = option(30, help="Training epochs.")
+    batch_size: int = option(64, help="Global batch (split over torchrun processes).")
+    lr: float | None = option(None, help="Peak LR [default: 5e-4 from scratch, 1e-4 from weights].")
+    weight_decay: float = option(0.05, help="AdamW weight decay (none on norms, biases, tokens).")
+    warmup_epochs: float = option(2.0, help="Linear warm-up before the cosine decay.")
+    min_lr: float = option(1e-6, help="LR at the end of the cosine decay.")
+    label_smoothing: float = option(0.1, help="Label smoothing of the cross-entropy.")
+    mixup: float = option(0.0, help="Mixup alpha (DeiT: 0.8); 0 = off.")
+    cutmix: float = option(0.0, help="CutMix alpha (DeiT: 1.0); 0 = off.")
+    drop_path: float = option(0.1, help="Stochastic depth rate.")
+    augment: bool = option(True, help="Random crops/flips/rotations in training (off: deterministic batches).")
+    clip_grad: float | None = option(None, help="Clip the gradient norm to this value.")
+    amp: str = option("auto", help="auto (bf16 on CPUs with native bf16, fp16 on CUDA), off, bf16, fp16.")
+    accum_steps: int = option(1, help="Gradient accumulation steps.")
+    seed: int = option(0, help="Seed of the split, the initial weights and every epoch's random streams.")
     # data
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    max_per_class: int | None = None
-    skip_bad_images: bool = False
-    good_class: str | None = None
+    val_fraction: float = option(0.15, help="Share of each class held out for validation.")
+    test_fraction: float = option(0.15, help="Share of each class held out for the test.")
+    max_per_class: int | None = option(None, help="Use at most N images per class (seeded).")
+    skip_bad_images: bool = option(False, help="Skip unreadable images with a warning.")
+    good_class: str | None = option(None, help="Class meaning 'no defect' (default: good/normal/ok).")
     # execution
-    device: str = "auto"
-    workers: int | None = None
+    device: str = option("auto", help="auto, cpu or cuda.")
+    workers: int | None = option(None, help="DataLoader workers [default: 0 on <=2 cores].")
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -83,9 +101,25 @@ class TrainConfig:
             if not ok:
                 raise VitfabError(msg)
         if self.tome is not None:
-            from ..tome import Schedule
-
             Schedule.parse(self.tome)
+
+    def resolved(self) -> "TrainConfig":
+        """A copy whose architecture is spelled out: ``arch`` (a subnet YAML) and
+        ``init_checkpoint`` (a vitfab checkpoint) become the model name, its arguments, weights
+        and sizes they stand for; the copy has neither (what a run folder records)."""
+        if self.init_checkpoint is not None:
+            if self.arch is not None or self.weights is not None or self.pretrained:
+                raise VitfabError("--init-checkpoint brings its own architecture and weights: drop --arch/--weights/"
+                                  "--pretrained")
+            inherited = checkpoint_model_args(self.init_checkpoint)
+            return dataclasses.replace(
+                self, init_checkpoint=None, model=inherited["model"], weights=inherited["weights"],
+                model_args=inherited["model_args"] | self.model_args,
+                patch_size=self.patch_size or inherited["patch_size"], img_size=self.img_size or inherited["img_size"])
+        if self.arch is not None:
+            return dataclasses.replace(self, arch=None, model="vitfab_subnet",
+                                       model_args=subnet_kwargs(load_arch(self.arch)) | self.model_args)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,8 +134,6 @@ def checkpoint_model_args(path: str | Path) -> dict[str, Any]:
     """The ``TrainConfig`` fields that fine-tune a vitfab checkpoint (e.g. an extracted subnet):
     its architecture name and arguments, its weights file, its patch and input size. The class
     count, input size and drop-path rate stay the new run's to set."""
-    from ..models.checkpoint import read_meta, resolve_weights
-
     weights_file = resolve_weights(Path(path))
     meta = read_meta(weights_file)
     own = ("num_classes", "img_size", "patch_size", "drop_path_rate")

@@ -16,15 +16,14 @@ uninterrupted run would have.
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader
 
 from ..data.dataset import ImageListDataset
@@ -35,12 +34,15 @@ from ..errors import VitfabError
 from ..evaluate.metrics import classification_metrics
 from ..evaluate.runner import collect_logits, make_eval_loader, plot_confusion
 from ..files import existing_dir, write_json_atomic
-from ..models.checkpoint import STATE_FILE, load_model, read_meta, save_checkpoint
+from ..models.checkpoint import STATE_FILE, read_meta, save_checkpoint
 from ..models.factory import check_model_name, create_model, describe
 from ..models.weights import read_state_dict
 from ..progress import console, make_progress
-from ..rundir import RunDir
-from ..runtime import autocast, barrier, broadcast_object, default_workers, resolve_amp, resolve_device, world
+from ..rundir import RunDir, resolve_weights
+from ..runtime import (autocast, barrier, broadcast_object, default_workers, resolve_amp, resolve_device, rng_restored,
+                       seed_everything, seeded, world)
+from ..runtimes import load_model
+from ..tome import apply as apply_tome
 from .config import TrainConfig
 
 
@@ -82,12 +84,6 @@ class ShareSampler(torch.utils.data.Sampler):
         return full * self.local_batch + tail  # one process (world 1) keeps the tail
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
@@ -122,23 +118,22 @@ def report_split(split: Split) -> str:
 
 
 def build_model(config: TrainConfig, classes: list[str], with_weights: bool = True):
-    """The model of a run; its initial weights depend on ``config.seed`` alone."""
-    seed_everything(config.seed)
-    model = create_model(
-        config.model,
-        classes=classes,
-        img_size=config.img_size,
-        patch_size=config.patch_size,
-        pretrained=config.pretrained and with_weights,
-        weights=config.weights if with_weights else None,
-        drop_path_rate=config.drop_path,
-        **config.model_args,
-    )
+    """The model of a (resolved) run config; its initial weights depend on ``config.seed`` alone
+    (drawn under :func:`seeded`, so the caller's random state is left as it was)."""
+    with seeded(config.seed):
+        model = create_model(
+            config.model,
+            classes=classes,
+            img_size=config.img_size,
+            patch_size=config.patch_size,
+            pretrained=config.pretrained and with_weights,
+            weights=config.weights if with_weights else None,
+            drop_path_rate=config.drop_path,
+            **config.model_args,
+        )
     model.vitfab_meta.preprocess.crop_pct = 1.0  # inspection images: keep the borders
     if config.tome is not None:  # fine-tune with token merging on (gradients flow through merges)
-        from ..tome import apply
-
-        apply(model, config.tome)
+        apply_tome(model, config.tome)
     return model
 
 
@@ -188,8 +183,6 @@ class Trainer:
             self.train_model = DistributedDataParallel(self.model, device_ids=ids,
                                                        find_unused_parameters=self.unused_parameters)
         self.pre = model.vitfab_meta.preprocess
-        from timm.optim import create_optimizer_v2
-
         lr = c.resolved_lr()
         self.optimizer = create_optimizer_v2(self.model, "adamw", lr=lr, weight_decay=c.weight_decay)
         spe = self._steps_per_epoch()
@@ -328,6 +321,12 @@ class Trainer:
 
     # --- the run ------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Train the remaining epochs, test the best checkpoint. Every epoch reseeds the global RNGs
+        from (seed, epoch) for its augmentations and drop-path; the caller's states are restored."""
+        with rng_restored():
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         c, run = self.config, self.run
         t_start = time.perf_counter()
         history = [r for r in run.read_metrics() if r.get("epoch", 0) < self.start_epoch]
@@ -362,9 +361,7 @@ class Trainer:
         best_val = next((r for r in history if r["epoch"] == self.best_epoch), {})
         test = self.test() if self.split.test and self.rank == 0 else None
         if self.rank == 0:
-            cfg = run.read_config()
-            cfg["status"] = "done"
-            run.write_config(cfg)
+            run.set_status("done")
         barrier()
         return TrainResult(run, self.best_epoch, best_val, test, seconds, history)
 
@@ -408,6 +405,8 @@ def _brief(val: dict[str, Any] | None) -> dict[str, Any]:
 
 def check_config(config: TrainConfig) -> None:
     """The cheap checks, before any image is read: values, device, model name, weights file."""
+    if config.data is None:
+        raise VitfabError("--data DIR is required (or --resume RUN_DIR)")
     config.validate()
     resolve_amp(config.amp, resolve_device(config.device))
     check_model_name(config.model)
@@ -416,8 +415,6 @@ def check_config(config: TrainConfig) -> None:
     if config.teacher:
         if not Path(config.teacher).exists():
             raise VitfabError(f"teacher checkpoint not found: {config.teacher}")
-        from ..models.checkpoint import resolve_weights
-
         size = read_meta(resolve_weights(Path(config.teacher))).preprocess.img_size
         if config.img_size is not None and size != config.img_size:
             raise VitfabError(f"the teacher {config.teacher} takes {size} px images, this run {config.img_size} px")
@@ -430,6 +427,7 @@ def train(
 
     Every check (config, device, data, model, weights) runs before the run folder is made.
     """
+    config = config.resolved()
     check_config(config)
     split = split or prepare_split(config, progress and world()[0] == 0)
     model = build_model(config, split.classes)

@@ -1,8 +1,9 @@
-"""Running exported models: a deploy folder or an ``.onnx`` file, in PyTorch or ONNX Runtime.
+"""ONNX Runtime: an exported model (a deploy folder or an ``.onnx`` file) behind the call of a
+vitfab model.
 
-``OrtModel`` puts an ONNX Runtime session behind the call of a vitfab model (fp32 images in,
-fp32 logits out, ``vitfab_meta`` set), so ``predict``, ``bench`` and the evaluation code take it
-as they take a PyTorch model.
+``OrtModel`` takes fp32 images and returns fp32 logits with ``vitfab_meta`` set, so ``predict``,
+``bench`` and the evaluation code take it as they take a PyTorch model. The CPU provider runs
+fp32, and int8 through ONNX Runtime's dynamic quantisation; CUDA's provider where asked for.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import torch
 
 from ..errors import VitfabError
 from ..models.meta import ModelMeta
-from .deploy import DEPLOY_FILE, FILES, ort_session
+from ..rundir import DEPLOY_FILE, ONNX_FILE
 
-RUNTIMES = ("torch", "onnxruntime")
 ORT_PRECISIONS = ("fp32", "int8")
 
 
@@ -40,11 +40,30 @@ def onnx_file(path: str | Path) -> Path:
     p = Path(path)
     if p.is_file() and p.suffix == ".onnx":
         return p
-    if p.is_dir() and (p / FILES["onnx"]).is_file():
-        return p / FILES["onnx"]
+    if p.is_dir() and (p / ONNX_FILE).is_file():
+        return p / ONNX_FILE
     if p.is_dir() and (p / DEPLOY_FILE).is_file():
-        raise VitfabError(f"{p} holds no {FILES['onnx']} (export it with --format onnx)")
+        raise VitfabError(f"{p} holds no {ONNX_FILE} (export it with --format onnx)")
     raise VitfabError(f"no ONNX model at {p}: give a deploy folder (vitfab export) or an .onnx file")
+
+
+def ort_session(path: str | Path, device: str | torch.device = "cpu"):
+    """An ONNX Runtime session on the CPU provider, or CUDA's where asked for and present."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise VitfabError("the onnxruntime runtime needs the onnxruntime package (pip install onnxruntime)") from None
+    providers = ["CPUExecutionProvider"]
+    if torch.device(device).type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise VitfabError("onnxruntime here has no CUDA provider (install onnxruntime-gpu) -- use --device cpu")
+        providers.insert(0, "CUDAExecutionProvider")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # ORT's worker threads spin after each run by default, taking the cores from whatever runs next
+    # (interleaved PyTorch configurations measured 6-10x slower at batch 1); they sleep instead
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=providers)
 
 
 def quantize_onnx_int8(path: Path) -> Path:
@@ -76,38 +95,10 @@ class OrtModel(torch.nn.Module):
         if self.run_path != self.path:  # the quantised copy lives as long as the session needs it
             weakref.finalize(self, shutil.rmtree, str(self.run_path.parent), True)
 
+    @property
+    def file_bytes(self) -> int:
+        return Path(self.run_path).stat().st_size
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {"images": x.detach().float().cpu().numpy()})[0]
         return torch.from_numpy(out).to(x.device)
-
-
-def torch_twin(path: str | Path):
-    """The PyTorch model of an export, for counting params and MACs: the deploy folder's weights
-    where they lie beside the ONNX file, else the architecture rebuilt from the file's metadata
-    (random weights; counts do not depend on them). ToMe applied as exported."""
-    from ..models import load_model
-    from ..models.checkpoint import model_from_meta
-
-    p = onnx_file(path)
-    if (p.parent / FILES["safetensors"]).is_file() and (p.parent / DEPLOY_FILE).is_file():
-        return load_model(p.parent)
-    return model_from_meta(onnx_meta(p))
-
-
-def load_deployed(path: str | Path, runtime: str = "torch", device: str | torch.device = "cpu",
-                  precision: str = "recorded") -> torch.nn.Module:
-    """A deploy folder, checkpoint or ``.onnx`` file, ready to run in ``runtime``.
-
-    ``precision``: "recorded" runs the mode saved with the model in PyTorch (fp32 in ONNX Runtime,
-    where bf16 has no CPU kernels); a mode name forces it.
-    """
-    if runtime not in RUNTIMES:
-        raise VitfabError(f"--runtime must be torch or onnxruntime, got '{runtime}'")
-    if runtime == "onnxruntime":
-        return OrtModel(path, device, "fp32" if precision == "recorded" else precision)
-    p = Path(path)
-    if p.suffix == ".onnx":
-        raise VitfabError(f"{p} is an ONNX file: run it with --runtime onnxruntime")
-    from ..models import load_model
-
-    return load_model(p, device, precision)

@@ -1,0 +1,155 @@
+"""``JobConfig``: every setting of the main job (each field is also a ``vitfab run`` option), the
+two scales' defaults, and the requirement the chosen model must meet."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import VitfabError
+from ..models import BASELINE
+from ..options import option
+from ..precision import Precision, parse_precision, useful_precisions
+from ..runtime import resolve_device
+from ..tome import parse_tome_spec
+from ..train import TrainConfig
+
+SCALES: dict[str, dict[str, Any]] = {
+    # small: minutes on a 2-core CPU (the default `make run`); full: the paper's setting, for a GPU
+    # (batch 16 at small scale: ViTs trained from scratch on ~1,000 images need optimizer steps more than
+    # large batches; DeiT-Tiny on the synthetic set: 47 % val top-1 after 5 epochs at batch 16, chance at 64)
+    "small": dict(img_size=64, patch_size=8, batch_size=16, baseline_epochs=16, supernet_epochs=30, population=16,
+                  generations=6, top_k=2, finetune_epochs=10, final_epochs=4, budget_minutes=10.0, pretrained=False,
+                  baseline_lr=1e-4),
+    "full": dict(img_size=224, patch_size=16, batch_size=64, baseline_epochs=30, supernet_epochs=100, population=50,
+                 generations=20, top_k=3, finetune_epochs=30, final_epochs=10, budget_minutes=None, pretrained=True,
+                 baseline_lr=None),
+}
+SCALE_FIELDS = ("img_size", "patch_size", "batch_size", "baseline_epochs", "supernet_epochs", "finetune_epochs",
+                "final_epochs", "top_k")
+DISTILL = ("none", "soft", "hard")
+
+
+@dataclass
+class Requirement:
+    """What the chosen model must reach on validation: an absolute top-1, or at most
+    ``max_drop`` points below the baseline's."""
+
+    min_accuracy: float | None = None  # fraction in [0, 1]
+    max_drop: float | None = 1.0  # points of top-1
+
+    def validate(self) -> None:
+        if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 1:
+            raise VitfabError(f"--min-accuracy must lie in [0, 1] (or 0-100 in percent), got {self.min_accuracy}")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise VitfabError(f"--max-drop must be >= 0 points, got {self.max_drop}")
+
+    def threshold(self, baseline_accuracy: float) -> float:
+        if self.min_accuracy is not None:
+            return self.min_accuracy
+        return baseline_accuracy - (self.max_drop or 0.0) / 100
+
+    def describe(self, baseline_accuracy: float | None = None) -> str:
+        if self.min_accuracy is not None:
+            return f"validation top-1 >= {100 * self.min_accuracy:.2f} %"
+        text = f"validation top-1 at most {self.max_drop:g} points below the DeiT-B/16 baseline"
+        if baseline_accuracy is not None:
+            text += f" ({100 * baseline_accuracy:.2f} % -> >= {100 * self.threshold(baseline_accuracy):.2f} %)"
+        return text
+
+
+@dataclass
+class JobConfig:
+    data: str | None = option(None, help="ImageFolder dataset; default: synthesise the X-ray set.")
+    scale: str = option("small", help="small (64 px, minutes on a CPU) or full (224 px, the paper's setting).")
+    min_accuracy: float | None = option(None, help="Required validation top-1 (0-1, or percent).")
+    max_drop: float = option(1.0, help="Else: at most this many points below the DeiT-B/16 baseline.")
+    objective: str = option("throughput", help="What 'fastest' means: throughput, latency or energy.")
+    device: str = option("auto", help="auto, cpu or cuda: where models train and are measured.")
+    budget_minutes: float | None = option(None, help="Wall-clock budget; epochs and search size are scaled to fit "
+                                                     "[default: 10 at small, none at full; 0 = none].")
+    baseline_model: str = option(BASELINE, help="The reference ViT the speedups are measured against.")
+    baseline_weights: str | None = option(None, help="Local baseline weights (instead of the hub at --scale full).")
+    space: str = option("tiny", help="AutoFormer search space: tiny, small, base or a YAML file.")
+    min_reduction: float = option(10.0, help="Search limit: params and GMACs at most the baseline's / this.")
+    tome_grid: str = option("none,macs=0.75,macs=0.5,macs=0.35", help="ToMe schedules to try (comma list).")
+    precisions: str | None = option(None, help="Precision modes to try (default: those worth it here).")
+    distill: str = option("none", help="Also fine-tune the best subnet distilled from the baseline: soft, hard or "
+                                       "none; kept only if it helps on validation.")
+    top_k: int | None = option(None, help="Subnets extracted and fine-tuned [default: 2 small, 3 full].")
+    img_size: int | None = option(None, help="Input size [default: 64 small, 224 full].")
+    patch_size: int | None = option(None, help="Patch size [default: 8 small, 16 full].")
+    baseline_epochs: int | None = option(None, help="Nominal baseline epochs (before the budget).")
+    supernet_epochs: int | None = option(None, help="Nominal supernet epochs (before the budget).")
+    finetune_epochs: int | None = option(None, help="Nominal subnet fine-tune epochs (before the budget).")
+    final_epochs: int | None = option(None, help="Nominal final fine-tune epochs (before the budget).")
+    batch_size: int | None = option(None, help="Training batch size [default: 16 small, 64 full].")
+    n_per_class: int = option(200, help="Synthetic images per class (no --data).")
+    difficulty: float = option(0.5, help="Synthetic defect subtlety, 0..1 (no --data).")
+    seed: int = option(0, help="Seed of the split, the weights, the search.")
+    good_class: str | None = option(None, help="Class meaning 'no defect' (default: good/normal/ok).")
+    val_fraction: float = option(0.15, help="Share of each class held out for validation.")
+    test_fraction: float = option(0.15, help="Share of each class held out for the test.")
+    max_per_class: int | None = option(None, help="Use at most N images per class (seeded).")
+    skip_bad_images: bool = option(False, help="Skip unreadable images with a warning.")
+    measure_seconds: float | None = option(None, help="Seconds per timed repeat [default: 0.5 with a budget, "
+                                                      "else 1.0].")
+    speed_at_224: bool = option(True, help="Also time the chosen architecture at 224 px against DeiT-B/16.")
+
+    def resolved(self) -> "JobConfig":
+        """Scale defaults filled in (what the run folder records)."""
+        if self.scale not in SCALES:
+            raise VitfabError(f"--scale must be small or full, got '{self.scale}'")
+        d = SCALES[self.scale]
+        changes = {k: d[k] for k in SCALE_FIELDS if getattr(self, k) is None}
+        if self.budget_minutes is None:
+            changes["budget_minutes"] = d["budget_minutes"]
+        if self.min_accuracy is not None and self.min_accuracy > 1:
+            changes["min_accuracy"] = self.min_accuracy / 100  # given in percent
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def scale_settings(self) -> dict[str, Any]:
+        return SCALES[self.scale]
+
+    def validate(self) -> None:
+        self.requirement().validate()
+        checks = [
+            (self.distill in DISTILL, f"--distill must be one of {', '.join(DISTILL)}, got '{self.distill}'"),
+            (self.min_reduction >= 1, f"--min-reduction must be >= 1, got {self.min_reduction}"),
+            (self.budget_minutes is None or self.budget_minutes >= 0, "--budget-minutes must be >= 0"),
+            (self.top_k is None or self.top_k >= 1, "--top-k must be at least 1"),
+            (self.batch_size is None or self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.n_per_class >= 4, "--n-per-class must be at least 4 (train, val and test need images)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise VitfabError(msg)
+        for spec in self.tome_grid.split(","):
+            parse_tome_spec(spec)
+        self.precision_modes(torch.device("cpu") if self.device == "auto" else resolve_device(self.device))
+
+    def requirement(self) -> Requirement:
+        return Requirement(self.min_accuracy, None if self.min_accuracy is not None else self.max_drop)
+
+    def tome_schedules(self) -> list[str | None]:
+        return [parse_tome_spec(s) for s in self.tome_grid.split(",") if s.strip()]
+
+    def precision_modes(self, device: torch.device) -> list[Precision]:
+        if self.precisions is None:
+            return useful_precisions(device)
+        modes = [parse_precision(p.strip(), allow_auto=False) for p in self.precisions.split(",") if p.strip()]
+        if Precision.FP32 not in modes:
+            modes.insert(0, Precision.FP32)  # the reference is always measured
+        return modes
+
+    def train_config(self, data: str, **kw) -> TrainConfig:
+        """The training settings every stage shares (data, sizes, batch, seed, split), plus ``kw``."""
+        tc = TrainConfig(data=data, img_size=self.img_size, patch_size=self.patch_size, batch_size=self.batch_size,
+                         seed=self.seed, device=self.device, val_fraction=self.val_fraction,
+                         test_fraction=self.test_fraction, max_per_class=self.max_per_class,
+                         skip_bad_images=self.skip_bad_images, good_class=self.good_class)
+        return dataclasses.replace(tc, **kw)

@@ -1,0 +1,95 @@
+"""What every stage of the main job may use (``JobContext``), what a stage is (``Stage``), and
+the loop that runs a list of stages over one run folder, resumably (``run_stages``)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..data.split import Split
+from ..evaluate.runner import CachedBatches, make_eval_loader
+from ..nas.train import resume_supernet, train_supernet
+from ..progress import console
+from ..rundir import RunDir
+from ..runtime import resolve_amp, resolve_device
+from ..train import TrainConfig, TrainResult, resume, train
+from .budget import epoch_seconds, probe_train_speed
+from .config import JobConfig
+from .state import JobState
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the main job: ``run(ctx, **results)`` gets the typed results of the stages
+    named in ``requires`` (as keyword arguments of those names) and returns a ``result``."""
+
+    name: str
+    weight: float  # its share of the budget, relative to the others
+    run: Callable[..., Any]
+    requires: tuple[str, ...]
+    result: type
+
+
+class JobContext:
+    """The run folder, the settings, the device, the budget and the helpers stages share."""
+
+    def __init__(self, run: RunDir, config: JobConfig, stages: Sequence[Stage], progress: bool = True,
+                 split: Split | None = None):
+        self.run, self.config, self.progress = run, config, progress
+        self.initial_split = split  # the user's data, split and checked before the run folder was made
+        self.device = resolve_device(config.device)
+        self.amp = resolve_amp("auto", self.device)
+        budget = config.budget_minutes
+        self.state = JobState(run.state_path, budget * 60 if budget else None, {s.name: s.weight for s in stages})
+
+    @property
+    def budget(self):
+        return self.state.budget
+
+    def plan(self, stage: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        return self.state.plan(stage, make)
+
+    def loader(self, split: Split, subset: str, pre) -> CachedBatches:
+        """A split's images read once into memory (for many models over the same images)."""
+        return CachedBatches(make_eval_loader(split.root, split.subset(subset), pre, 64))
+
+    def epochs_for(self, stage: str, nominal: int, model: torch.nn.Module, split: Split, parts: int = 1,
+                   extra_per_image: float = 0.0) -> tuple[int, float | None]:
+        """Epochs that fit the stage's share, from a measured training speed; and that speed
+        (img/s; None without a budget, where nothing is probed)."""
+        if self.budget.seconds is None:
+            return nominal, None
+        ips = probe_train_speed(model, min(self.config.batch_size, 16), self.config.img_size, self.device, self.amp)
+        per = 1 / ips + extra_per_image
+        sec = epoch_seconds(len(split.train), len(split.val), 1 / per)
+        return self.budget.epochs(stage, nominal, sec, parts), ips
+
+    def train_stage(self, folder: Path, tc: TrainConfig, split: Split, supernet: bool = False) -> TrainResult:
+        """Train into ``folder``, or continue it where an interrupted job left it."""
+        if (folder / "config.json").is_file():
+            console.print(f"continuing {folder}")
+            return resume_supernet(folder, self.progress) if supernet else resume(folder, self.progress)
+        if supernet:
+            return train_supernet(tc, folder, self.progress, split=split)
+        return train(tc, folder, self.progress, split=split)
+
+
+def run_stages(ctx: JobContext, stages: Sequence[Stage]) -> dict[str, Any]:
+    """Run every stage not finished yet, in order; returns every stage's typed result."""
+    results: dict[str, Any] = {}
+    for i, stage in enumerate(stages, 1):
+        if ctx.state.done(stage.name):
+            results[stage.name] = ctx.state.result(stage.name, stage.result)
+            continue
+        share = ctx.budget.share(stage.name)
+        console.print(f"[bold]stage {i}/{len(stages)}: {stage.name}[/bold]"
+                      + (f" (budget about {share:.0f} s)" if share is not None else ""))
+        t0 = time.perf_counter()
+        result = stage.run(ctx, **{name: results[name] for name in stage.requires})
+        ctx.state.finish(stage.name, result, time.perf_counter() - t0)
+        results[stage.name] = result
+    return results

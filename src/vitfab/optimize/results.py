@@ -1,0 +1,130 @@
+"""What each stage of the main job returns: frozen dataclasses, saved to and read from state.json.
+
+A later stage receives the results it needs as typed arguments (see ``stages.PIPELINE``); no
+stage reads another's output by string keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..data.split import Split
+from ..files import read_json
+from ..models.arch import ArchConfig
+from ..report.summary import AblationRecord, At224, DeployInfo, TestMetrics
+from .joint import JointCandidate
+
+
+@dataclass(frozen=True)
+class DataResult:
+    data: str  # the image folder every stage reads (the user's, or the synthetic set in the run)
+    synthetic: bool
+    classes: list[str]
+    images: dict[str, int]  # train / val / test
+    split_file: str
+
+    def load_split(self) -> Split:
+        return Split.load(self.split_file)
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    run: str
+    checkpoint: str
+    epochs: int
+    val_top1_training: float | None
+    params: int
+    gmacs: float
+    train_img_per_s: float | None  # the probed training speed (None without a budget)
+
+
+@dataclass(frozen=True)
+class SupernetResult:
+    run: str
+    epochs: int
+    val_top1_training: float | None
+
+
+@dataclass(frozen=True)
+class SearchedArch:
+    arch: ArchConfig
+    supernet_val_top1: float
+    params: int
+    gmacs: float
+
+
+@dataclass(frozen=True)
+class SearchStageResult:
+    out: str
+    limits: str
+    population: int
+    generations: int
+    evaluated: int
+    top: list[SearchedArch]
+
+
+@dataclass(frozen=True)
+class FinetunedModel:
+    label: str
+    checkpoint: str
+    arch: str
+    teacher: str | None  # the checkpoint it was distilled from; None: labels only
+    val_top1_training: float | None
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    epochs: int
+    models: list[FinetunedModel]
+
+    def model(self, label: str) -> FinetunedModel:
+        return next(m for m in self.models if m.label == label)
+
+
+@dataclass(frozen=True)
+class JointResult:
+    baseline_val_top1: float
+    baseline_warning: str | None
+    threshold: float
+    requirement: str
+    requirement_met: bool
+    objective: str
+    precisions: list[str]
+    schedules: list[str | None]
+    chosen: JointCandidate
+    front: list[str]  # keys of the candidates on the Pareto front
+    candidates_file: str
+
+    def candidates(self) -> list[JointCandidate]:
+        return [JointCandidate.from_dict(c) for c in read_json(self.candidates_file)]
+
+
+@dataclass(frozen=True)
+class FinalResult:
+    run: str
+    epochs: int
+    val_top1_tuned: float
+    val_top1_off_the_shelf: float
+    kept_tuned: bool
+    checkpoint: str  # chosen/: the model as delivered (ToMe schedule and precision recorded)
+    subnet_checkpoint: str  # the fine-tuned subnet before this stage
+    test: TestMetrics
+
+    @property
+    def val_top1(self) -> float:
+        return self.val_top1_tuned if self.kept_tuned else self.val_top1_off_the_shelf
+
+
+@dataclass(frozen=True)
+class AblationResult:
+    rows: list[AblationRecord]
+    at_224: At224 | None
+    default_tome: str | None
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    files: list[str]
+
+
+ExportResult = DeployInfo  # the deploy folder, or why there is none

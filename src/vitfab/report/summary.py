@@ -1,0 +1,208 @@
+"""``summary.json``: the main job's evidence for machines, and what the report is rendered from.
+
+The schema is these frozen dataclasses (``SUMMARY_FORMAT`` names its version); the job fills
+them from its stages' typed results, ``write_report`` renders them, and ``Summary.load`` reads a
+run's summary.json back, so the report of any run can be rendered again from its file alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import VitfabError
+from ..files import read_json, write_json_atomic
+from ..records import RecordError, from_json, to_json
+
+SUMMARY_FORMAT = "vitfab-summary/1"
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    type: str
+    name: str
+    threads: int
+    torch: str
+    train_amp: str
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    data: str
+    synthetic: bool
+    classes: list[str]
+    images: dict[str, int]  # train / val / test
+    img_size: int
+    patch_size: int
+    scale: str
+
+
+@dataclass(frozen=True)
+class TestMetrics:
+    top1: float
+    macro_f1: float
+    escape_rate: float | None = None
+    overkill_rate: float | None = None
+
+    @classmethod
+    def of(cls, metrics: dict[str, Any]) -> "TestMetrics":
+        """From ``evaluate.classification_metrics``' dict."""
+        return cls(metrics["top1"], metrics["macro_f1"], metrics.get("escape_rate"), metrics.get("overkill_rate"))
+
+
+@dataclass(frozen=True)
+class AblationRecord:
+    """One row of the ablation: test metrics and speed of one configuration, as measured."""
+
+    name: str
+    axes: list[str]
+    chosen: bool
+    checkpoint: str
+    tome: str | None
+    precision: str
+    accuracy: float
+    macro_f1: float
+    escape_rate: float | None
+    overkill_rate: float | None
+    params: int
+    gmacs: float
+    img_per_s: float
+    speedup: float | None
+    latency_ms_p50: float
+    latency_ms_p99: float
+    joules_per_img: float | None
+    energy_note: str | None
+    peak_memory_mb: float | None
+    batch_size: int
+    img_size: int
+    r_per_layer: list[int] | None
+    img_per_s_runs: list[float]
+    confusion_matrix: list[list[int]]
+    classes: list[str]
+    escape_note: str | None = None
+
+
+@dataclass(frozen=True)
+class SpeedRow:
+    name: str
+    params: int
+    gmacs: float
+    img_per_s: float
+    latency_ms_p50: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class At224:
+    """The chosen architecture at 224 px (random weights) against DeiT-B/16: speed only."""
+
+    rows: list[SpeedRow]
+    speedup: float
+    params_reduction: float
+    macs_reduction: float
+
+
+@dataclass(frozen=True)
+class DeployInfo:
+    folder: str | None
+    error: str | None
+    parity_max_abs_diff: dict[str, float]
+
+
+@dataclass(frozen=True)
+class CandidateRow:
+    """A joint-search candidate as the report shows it (validation split)."""
+
+    key: str
+    model: str
+    accuracy: float | None
+    gmacs: float
+    img_per_s: float | None
+    latency_ms: float | None
+    joules_per_img: float | None
+    error: str | None
+    front: bool
+    chosen: bool
+
+
+@dataclass(frozen=True)
+class JointInfo:
+    requirement: str
+    requirement_met: bool
+    threshold: float
+    baseline_val_top1: float
+    baseline_warning: str | None
+    objective: str
+    schedules: list[str | None]
+    precisions: list[str]
+    candidates: list[CandidateRow]
+
+
+@dataclass(frozen=True)
+class ChosenInfo:
+    model: str
+    arch: str
+    tome: str | None
+    precision: str
+    r_per_layer: list[int]
+    params: int
+    gmacs: float
+    checkpoint: str
+    val_top1: float
+    test: TestMetrics
+
+
+@dataclass(frozen=True)
+class BudgetInfo:
+    seconds: float | None  # None: no limit
+    spent: float
+    cuts: list[str]
+    stage_seconds: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Summary:
+    run: str
+    device: DeviceInfo
+    data: DataInfo
+    config: dict[str, Any]
+    objective: str
+    joint: JointInfo
+    chosen: ChosenInfo
+    ablation: list[AblationRecord]
+    default_tome: str | None
+    at_224: At224 | None
+    deploy: DeployInfo | None
+    budget: BudgetInfo
+    stage_results: dict[str, Any]  # every stage's result as saved in state.json
+    wall_seconds_this_call: float | None = None
+    format: str = SUMMARY_FORMAT
+
+    @property
+    def requirement_met(self) -> bool:
+        return self.joint.requirement_met
+
+    @property
+    def baseline(self) -> AblationRecord | None:
+        return self.ablation[0] if self.ablation else None
+
+    @property
+    def chosen_row(self) -> AblationRecord | None:
+        return next((r for r in self.ablation if r.chosen), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_json(self)
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Summary":
+        data = read_json(path)
+        if data.get("format") != SUMMARY_FORMAT:
+            raise VitfabError(f"{path}: summary format {data.get('format')!r}, this vitfab reads {SUMMARY_FORMAT}")
+        try:
+            return from_json(cls, data)
+        except RecordError as exc:
+            raise VitfabError(f"{path} does not hold a {SUMMARY_FORMAT} summary: {exc}") from None
