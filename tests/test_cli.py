@@ -123,3 +123,34 @@ def test_data_info(capsys, make_folder):
 
     info = json.loads(out)
     assert info["classes"] == {"good": 5, "void": 2} and info["imbalance_ratio"] == 2.5
+
+
+def test_cli_defaults_are_the_config_defaults():
+    """Every option's default is the config field's: parse commands without options and compare
+    the configs field by field (a default written in the CLI as well would differ here)."""
+    import dataclasses
+
+    from vitfab.cli import parse_configs
+    from vitfab.measure.bench import BenchOptions, BenchRequest
+    from vitfab.nas.train import SupernetConfig
+    from vitfab.optimize import JobConfig
+    from vitfab.train import TrainConfig
+
+    for argv, want in ((["run"], {"config": JobConfig()}), (["train"], {"config": TrainConfig()}),
+                       (["nas", "train"], {"config": SupernetConfig()}),
+                       (["bench"], {"request": BenchRequest(), "options": BenchOptions()})):
+        got = parse_configs(argv)
+        assert set(got) == set(want), argv
+        for key, config in want.items():
+            for f in dataclasses.fields(config):
+                assert getattr(got[key], f.name) == getattr(config, f.name), (argv, f.name)
+
+
+def test_cli_options_reach_the_config():
+    from vitfab.cli import parse_configs
+    from vitfab.train import TrainConfig
+
+    got = parse_configs(["train", "--data", "d", "--epochs", "3", "--model-arg", "depth=2", "--model-arg",
+                         "embed_dim=64", "--no-augment", "--tome-r", "4", "--lr", "0.001"])["config"]
+    assert got == TrainConfig(data="d", epochs=3, model_args={"depth": 2, "embed_dim": 64}, augment=False, tome="4",
+                              lr=0.001)

@@ -373,3 +373,29 @@ def test_markdown_to_html():
     assert "<li>one</li>" in h and "<li>two</li>" in h and h.index("<ul>") < h.index("<li>one</li>")
     assert "<td>&lt;2&gt;</td>" in h and "<th>a</th>" in h and "---" not in h  # raw HTML in the text is escaped
     assert '<img src="x.png" alt="fig"' in h
+
+
+def test_a_run_folder_of_another_state_format_says_so(tmp_path, capsys):
+    """state.json carries its format; a folder from before the typed stages is refused in one line."""
+    from dataclasses import asdict
+
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"kind": "main", "status": "running", "job": asdict(tiny_job())}))
+    (run / "state.json").write_text(json.dumps({"stages": {"data": {"data": "x"}}, "plans": {}}))
+    code = main(["run", "--resume", str(run), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and "another vitfab version" in err and "\n" not in err
+
+
+def test_stage_results_round_trip_through_state_json(job_run):
+    """Every stage's saved result reads back as its typed dataclass and writes back to the same JSON."""
+    from vitfab.records import from_json, to_json
+
+    out, _ = job_run
+    state = json.loads((out / "state.json").read_text())
+    assert state["format"] == "vitfab-job-state/2" and [s.name for s in PIPELINE] == list(state["stages"])
+    for stage in PIPELINE:
+        saved = state["stages"][stage.name]["result"]
+        result = from_json(stage.result, saved)
+        assert isinstance(result, stage.result) and to_json(result) == saved

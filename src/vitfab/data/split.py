@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError
 from ..files import read_json, write_json_atomic
+from ..options import option
 from .images import ImageFolderIndex
 
 SUBSETS = ("train", "val", "test")
+
+
+@dataclass
+class DataSettings:
+    """How a run reads its images and splits them; shared by training runs and the main job."""
+
+    seed: int = option(0, help="Seed of the split, the initial weights and every random stream.")
+    val_fraction: float = option(0.15, help="Share of each class held out for validation.")
+    test_fraction: float = option(0.15, help="Share of each class held out for the test.")
+    max_per_class: int | None = option(None, help="Use at most N images per class (seeded).")
+    skip_bad_images: bool = option(False, help="Skip unreadable images with a warning.")
+    good_class: str | None = option(None, help="Class meaning 'no defect' (default: good/normal/ok).")
+
+    def data_settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(DataSettings)}
 
 
 @dataclass

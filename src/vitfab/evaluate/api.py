@@ -146,7 +146,7 @@ def labelled_samples(
         if not index.samples:
             raise DataError(f"no images of the model's classes in {data}")
         return Path(data), index.samples, f"{data} ({len(index.samples)} images)"
-    if checkpoint is not None and (Path(checkpoint) / "split.json").is_file():
+    if checkpoint is not None and RunDir(checkpoint).split_path.is_file():
         run = RunDir.open(checkpoint)
         split = Split.load(run.split_path)
         samples = split.subset(subset)

@@ -44,7 +44,8 @@ def collect_logits(
     description: str = "eval",
     parent=None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and targets over a loader; ``parent``: a live rich Progress to draw in."""
+    """Logits and targets over a loader (``model`` is put in eval mode); ``parent``: a live rich
+    Progress to draw in."""
     model.eval()
     all_logits, all_targets = [], []
     with task(description, total=len(loader.dataset), enabled=progress, parent=parent) as advance:

@@ -136,7 +136,8 @@ def export_deploy(source: str | Path, out: str | Path, formats: Sequence[str] = 
     """``source`` (a checkpoint or run folder; or ``model``, an fp32 vitfab model) -> ``out``.
 
     The folder appears complete or not at all. Fails (and writes nothing) where a format's logits
-    differ from PyTorch's by more than ``tolerance``.
+    differ from PyTorch's by more than ``tolerance``. A ``model`` given is used as it is (put in
+    fp32 and eval mode, in place).
     """
     formats = parse_formats(formats)
     check_out(source, out)

@@ -15,7 +15,7 @@ from ..evaluate.api import labelled_samples
 from ..evaluate.runner import make_eval_loader
 from ..options import option, split_list
 from ..precision import (DEFAULT_TOLERANCE, Precision, PrecisionChoice, PrecisionTrial, candidate_precisions,
-                         choose_precision, parse_precision)
+                         choose_precision, parse_precision, with_reference)
 from ..progress import task
 from ..runtime import resolve_device
 from ..runtimes import load_model
@@ -35,9 +35,7 @@ def select_precision(
 ) -> PrecisionChoice:
     """Resolve ``auto`` for ``model`` on ``device`` using the labelled ``loader`` (validation)."""
     device = torch.device(device)
-    modes = [Precision(p) for p in candidates] if candidates else candidate_precisions(device)
-    if Precision.FP32 not in modes:
-        modes.insert(0, Precision.FP32)
+    modes = with_reference(candidates if candidates else candidate_precisions(device))
     trials, runnable = [], []
     with task("precision: accuracy", total=len(modes), enabled=progress) as advance:
         for p in modes:

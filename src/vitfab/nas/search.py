@@ -31,7 +31,7 @@ from ..measure.speed import Timed, measure_speed
 from ..models.arch import ArchConfig, SearchSpace, arch_macs, arch_params
 from ..options import option
 from ..progress import console, make_progress
-from ..rundir import RunDir
+from ..rundir import JOB_STATE_FILE, RunDir
 from ..runtime import resolve_device
 from .extract import extract_subnet
 from .train import load_supernet
@@ -252,7 +252,7 @@ class EvolutionarySearch:
     # ------------------------------------------------------------------ state
     @property
     def state_path(self) -> Path:
-        return self.out / "state.json"
+        return self.out / JOB_STATE_FILE
 
     def _settings(self) -> dict[str, Any]:
         return {"search": asdict(self.cfg), "limits": asdict(self.limits), "space": self.space.to_dict()}

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
+from ..data.split import DataSettings
 from ..errors import VitfabError
 from ..models import BASELINE
 from ..options import option
-from ..precision import Precision, parse_precision, useful_precisions
+from ..precision import Precision, parse_precision, useful_precisions, with_reference
 from ..runtime import resolve_device
 from ..tome import parse_tome_spec
 from ..train import TrainConfig
@@ -62,7 +63,7 @@ class Requirement:
 
 
 @dataclass
-class JobConfig:
+class JobConfig(DataSettings):
     data: str | None = option(None, help="ImageFolder dataset; default: synthesise the X-ray set.")
     scale: str = option("small", help="small (64 px, minutes on a CPU) or full (224 px, the paper's setting).")
     min_accuracy: float | None = option(None, help="Required validation top-1 (0-1, or percent).")
@@ -89,12 +90,6 @@ class JobConfig:
     batch_size: int | None = option(None, help="Training batch size [default: 16 small, 64 full].")
     n_per_class: int = option(200, help="Synthetic images per class (no --data).")
     difficulty: float = option(0.5, help="Synthetic defect subtlety, 0..1 (no --data).")
-    seed: int = option(0, help="Seed of the split, the weights, the search.")
-    good_class: str | None = option(None, help="Class meaning 'no defect' (default: good/normal/ok).")
-    val_fraction: float = option(0.15, help="Share of each class held out for validation.")
-    test_fraction: float = option(0.15, help="Share of each class held out for the test.")
-    max_per_class: int | None = option(None, help="Use at most N images per class (seeded).")
-    skip_bad_images: bool = option(False, help="Skip unreadable images with a warning.")
     measure_seconds: float | None = option(None, help="Seconds per timed repeat [default: 0.5 with a budget, "
                                                       "else 1.0].")
     speed_at_224: bool = option(True, help="Also time the chosen architecture at 224 px against DeiT-B/16.")
@@ -141,15 +136,11 @@ class JobConfig:
     def precision_modes(self, device: torch.device) -> list[Precision]:
         if self.precisions is None:
             return useful_precisions(device)
-        modes = [parse_precision(p.strip(), allow_auto=False) for p in self.precisions.split(",") if p.strip()]
-        if Precision.FP32 not in modes:
-            modes.insert(0, Precision.FP32)  # the reference is always measured
-        return modes
+        return with_reference(parse_precision(p.strip(), allow_auto=False) for p in self.precisions.split(",")
+                              if p.strip())
 
     def train_config(self, data: str, **kw) -> TrainConfig:
         """The training settings every stage shares (data, sizes, batch, seed, split), plus ``kw``."""
         tc = TrainConfig(data=data, img_size=self.img_size, patch_size=self.patch_size, batch_size=self.batch_size,
-                         seed=self.seed, device=self.device, val_fraction=self.val_fraction,
-                         test_fraction=self.test_fraction, max_per_class=self.max_per_class,
-                         skip_bad_images=self.skip_bad_images, good_class=self.good_class)
+                         device=self.device, **self.data_settings())
         return dataclasses.replace(tc, **kw)

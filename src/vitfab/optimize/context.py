@@ -70,7 +70,7 @@ class JobContext:
 
     def train_stage(self, folder: Path, tc: TrainConfig, split: Split, supernet: bool = False) -> TrainResult:
         """Train into ``folder``, or continue it where an interrupted job left it."""
-        if (folder / "config.json").is_file():
+        if RunDir(folder).config_path.is_file():
             console.print(f"continuing {folder}")
             return resume_supernet(folder, self.progress) if supernet else resume(folder, self.progress)
         if supernet:

@@ -103,9 +103,7 @@ def stage_baseline(ctx: JobContext, data: DataResult) -> BaselineResult:
 def stage_supernet(ctx: JobContext, data: DataResult) -> SupernetResult:
     c, split = ctx.config, data.load_split()
     base = c.train_config(data.data)
-    kw = {k: getattr(base, k) for k in ("data", "img_size", "patch_size", "batch_size", "seed", "device",
-                                         "val_fraction", "test_fraction", "max_per_class", "skip_bad_images",
-                                         "good_class")}
+    kw = {k: getattr(base, k) for k in ("data", "img_size", "patch_size", "batch_size", "device")} | c.data_settings()
 
     def make():
         net = build_supernet(SupernetConfig(space=c.space, **kw), split.classes, with_weights=False)

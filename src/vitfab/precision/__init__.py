@@ -11,10 +11,11 @@ from .modes import (
     parse_precision,
     unsupported_reason,
     useful_precisions,
+    with_reference,
 )
 
 __all__ = [
     "AUTO", "DEFAULT_TOLERANCE", "PRECISION_CHOICES", "Precision", "PrecisionChoice", "PrecisionError",
     "PrecisionTrial", "accuracy_table", "candidate_precisions", "check_finite", "choose_precision",
-    "parse_precision", "prepare_model", "quantize_linear_int8", "unsupported_reason", "useful_precisions",
+    "parse_precision", "prepare_model", "quantize_linear_int8", "unsupported_reason", "useful_precisions", "with_reference",
 ]

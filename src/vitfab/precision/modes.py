@@ -77,6 +77,12 @@ def check_supported(precision: Precision, device: torch.device) -> None:
         raise PrecisionError(reason)
 
 
+def with_reference(modes) -> list[Precision]:
+    """``modes`` with fp32 in front where it is missing: every comparison of modes is against fp32."""
+    modes = [Precision(m) for m in modes]
+    return modes if Precision.FP32 in modes else [Precision.FP32, *modes]
+
+
 def candidate_precisions(device: torch.device) -> list[Precision]:
     """Every mode that runs on ``device``, fp32 first (the reference)."""
     return [p for p in Precision if unsupported_reason(p, device) is None]

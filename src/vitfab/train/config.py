@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..data.split import DataSettings
 from ..errors import VitfabError
 from ..models.arch import load_arch
 from ..models.checkpoint import read_meta
@@ -23,7 +24,7 @@ DISTILL_MODES = ("soft", "hard")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DataSettings):
     data: str | None = option(None, help="ImageFolder dataset (<class>/<image>).")
     model: str = option("deit_tiny_patch16_224", help="timm ViT name; the reference is deit_base_patch16_224.")
     img_size: int | None = option(None, help="Override the input size (position embeddings resized).")
@@ -61,13 +62,6 @@ class TrainConfig:
     clip_grad: float | None = option(None, help="Clip the gradient norm to this value.")
     amp: str = option("auto", help="auto (bf16 on CPUs with native bf16, fp16 on CUDA), off, bf16, fp16.")
     accum_steps: int = option(1, help="Gradient accumulation steps.")
-    seed: int = option(0, help="Seed of the split, the initial weights and every epoch's random streams.")
-    # data
-    val_fraction: float = option(0.15, help="Share of each class held out for validation.")
-    test_fraction: float = option(0.15, help="Share of each class held out for the test.")
-    max_per_class: int | None = option(None, help="Use at most N images per class (seeded).")
-    skip_bad_images: bool = option(False, help="Skip unreadable images with a warning.")
-    good_class: str | None = option(None, help="Class meaning 'no defect' (default: good/normal/ok).")
     # execution
     device: str = option("auto", help="auto, cpu or cuda.")
     workers: int | None = option(None, help="DataLoader workers [default: 0 on <=2 cores].")

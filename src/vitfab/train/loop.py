@@ -38,7 +38,7 @@ from ..models.checkpoint import STATE_FILE, read_meta, save_checkpoint
 from ..models.factory import check_model_name, create_model, describe
 from ..models.weights import read_state_dict
 from ..progress import console, make_progress
-from ..rundir import RunDir, resolve_weights
+from ..rundir import WEIGHTS_FILE, RunDir, resolve_weights
 from ..runtime import (autocast, barrier, broadcast_object, default_workers, resolve_amp, resolve_device, rng_restored,
                        seed_everything, seeded, world)
 from ..runtimes import load_model
@@ -478,7 +478,7 @@ def resume_run(run_dir: str | Path, kind: str, config_cls, build, trainer_cls, p
             console.print(f"resuming {run.root} from the start (no complete epoch)")
         return trainer.fit()
     model = build(config, split.classes, False)
-    model.load_state_dict(read_state_dict(last / "model.safetensors"))
+    model.load_state_dict(read_state_dict(last / WEIGHTS_FILE))
     model.vitfab_meta = read_meta(last)
     trainer.setup(model)
     state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
