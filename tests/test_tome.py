@@ -119,8 +119,8 @@ def test_proportional_attention_is_log_size_bias():
 
 
 # --------------------------------------------------------------------------- the matching by hand
-def test_bipartite_matching_hand_checked():
-    """Prefix token P, then patches t0..t5: A = t0, t2, t4; B = t1, t3, t5.
+def test_bipartite_matching_hand_checked_patches_rule():
+    """The ``patches`` rule: prefix token P set aside, then patches t0..t5: A = t0, t2, t4; B = t1, t3, t5.
 
     Unit-vector metrics with cos(t0, t3) = 1.0, cos(t2, t1) = 0.8, cos(t4, t5) = 0.6 and every
     other A-B pair orthogonal; P equals t0 but is protected. With r = 2 exactly t0 -> t3 and
@@ -132,7 +132,7 @@ def test_bipartite_matching_hand_checked():
     a = metric[0, 1::2]
     b = metric[0, 2::2]
     assert torch.allclose(a @ b.T, torch.tensor([[0.0, 1.0, 0.0], [0.8, 0.0, 0.0], [0.0, 0.0, 0.6]]))
-    m = bipartite_soft_matching(metric, r=2, protected=1)
+    m = bipartite_soft_matching(metric, r=2, protected=1, partition="patches")
     assert m.r == 2
     assert sorted(m.src_idx[0, :, 0].tolist()) == [0, 1]  # A tokens t0 and t2 merge
     assert m.unm_idx[0, :, 0].tolist() == [2]  # t4 survives
@@ -145,6 +145,103 @@ def test_bipartite_matching_hand_checked():
     assert torch.allclose(merged[0, :, 0], torch.tensor([7.0, 100, (2 + 3 * 10) / 4, (20 + 1) / 2, 200]))
     src = merge_source(m, None, x)
     assert src[0, 3].tolist() == [0, 1, 0, 0, 1, 0, 0]  # the token at t3 now holds t0 and t3
+
+
+def test_reference_rule_one_class_token_by_hand():
+    """The reference rule alternates over the whole sequence: with a class token C at 0 and t_i at
+    i + 1, A = C, t1, t3, t5 and B = t0, t2, t4. C equals t0 (the strongest edge of all) but never
+    merges. Edges: t1 -> t4 (cos 1), t3 -> t0 (0.8), t5 -> t2 (0.6), other A-B pairs orthogonal.
+    With r = 2, t1 -> t4 and t3 -> t0 merge; C and t5 survive."""
+    e = torch.eye(6)
+    metric = torch.stack([e[0], e[0], e[1], 0.6 * e[2] + 0.8 * e[4], 0.8 * e[0] + 0.6 * e[3], e[1], e[2]])[None]
+    #                     C     t0    t1    t2                        t3                        t4    t5
+    a, b = metric[0, 0::2], metric[0, 1::2]
+    assert torch.allclose(a @ b.T, torch.tensor([[1.0, 0, 0], [0, 0, 1], [0.8, 0, 0], [0, 0.6, 0]]))
+    m = bipartite_soft_matching(metric, r=2, protected=1)  # partition="reference" is the default
+    assert m.partition == "reference" and m.r == 2
+    assert sorted(zip(m.src_idx[0, :, 0].tolist(), m.dst_idx[0, :, 0].tolist())) == [(1, 2), (2, 0)]
+    assert m.unm_idx[0, :, 0].tolist() == [0, 3]  # C and t5 survive
+    # values: C = 7; t0..t5 = 1, 2, 10, 20, 100, 200; t3 already holds 3 patches
+    x = torch.tensor([7.0, 1, 2, 10, 20, 100, 200])[None, :, None]
+    size = torch.tensor([1.0, 1, 1, 1, 3, 1, 1])[None, :, None]
+    merged, new_size = merge_wavg(m, x, size)
+    # order: [C, A survivors (t5), B in order (t0 <- t3, t2, t4 <- t1)]
+    assert new_size[0, :, 0].tolist() == [1, 1, 4, 1, 2]
+    assert torch.allclose(merged[0, :, 0], torch.tensor([7.0, 200, (1 + 3 * 20) / 4, 10, (100 + 2) / 2]))
+    src = merge_source(m, None, x)  # which input positions each output token holds
+    assert src[0, 2].tolist() == [0, 1, 0, 0, 1, 0, 0] and src[0, 4].tolist() == [0, 0, 1, 0, 0, 1, 0]
+
+
+def test_reference_rule_class_and_distillation_tokens_by_hand():
+    """C at 0 (in A) and D at 1 (in B); t_i at i + 2: A = C, t0, t2; B = D, t1, t3. t0 equals D,
+    which receives nothing: t0 goes to its next-best partner t3 (cos 0.6); t2 -> t1 (0.8). r = 2."""
+    e = torch.eye(6)
+    metric = torch.stack([e[4], e[0], e[0], e[1], 0.8 * e[1] + 0.6 * e[2], 0.6 * e[0] + 0.8 * e[3]])[None]
+    #                     C     D     t0    t1    t2                        t3
+    m = bipartite_soft_matching(metric, r=2, protected=2)
+    assert sorted(zip(m.src_idx[0, :, 0].tolist(), m.dst_idx[0, :, 0].tolist())) == [(1, 2), (2, 1)]
+    x = torch.tensor([5.0, 6, 1, 2, 10, 20])[None, :, None]
+    merged, new_size = merge_wavg(m, x)
+    assert merged[0, :, 0].tolist() == [5.0, 6, (2 + 10) / 2, (20 + 1) / 2]  # [C, D, t1 <- t2, t3 <- t0]
+    assert new_size[0, :, 0].tolist() == [1, 1, 2, 2]
+
+
+def test_reference_rule_keeps_register_tokens_in_front():
+    """Class + 4 register tokens (positions 0-4: A holds 0, 2, 4, B holds 1, 3): however similar
+    the patches are to them, none of the five merges or is merged into, and they come out first,
+    in order, unchanged."""
+    torch.manual_seed(0)
+    metric = torch.randn(2, 5 + 16, 8)
+    metric[:, 5:] = metric[:, :1] + 1e-3 * torch.randn(2, 16, 8)  # every patch ~ the class token
+    x = torch.randn(2, 21, 3)
+    m = bipartite_soft_matching(metric, r=8, protected=5)
+    merged, size = merge_wavg(m, x)
+    assert m.r == 8 and merged.shape == (2, 13, 3)
+    assert torch.equal(merged[:, :5], x[:, :5]) and torch.equal(size[:, :5], torch.ones(2, 5, 1))
+    assert torch.equal(merge_source(m, None, x)[:, :5, :5], torch.eye(5).expand(2, 5, 5))
+    assert size.sum().item() == 2 * 21
+
+
+def test_the_rules_differ_only_with_an_odd_prefix(x):
+    """The two A/B rules split the patches alike where the prefix count is even (none; class +
+    distillation): identical logits. With one class token they differ."""
+    for make, differ in ((lambda: _vit(), True), (lambda: _vit(class_token=False, global_pool="avg"), False),
+                         (_distilled, False), (lambda: _vit(reg_tokens=3), False), (lambda: _vit(reg_tokens=4), True)):
+        a, b = tome.apply(make(), 4, partition="reference"), tome.apply(make(), 4, partition="patches")
+        with torch.no_grad():
+            diff = (a(x) - b(x)).abs().max().item()
+        assert (diff > 1e-4) == differ, (make, diff)
+
+
+def test_partition_is_recorded_and_old_checkpoints_keep_theirs(tmp_path, x):
+    """A checkpoint records the rule; one written before the field existed loads with ``patches``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def tiny():
+        return create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2,
+                            num_classes=5).eval()
+
+    ref = tome.apply(tiny(), 4, partition="patches")
+    folder = save_checkpoint(tmp_path / "ck", ref)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["tome"]["partition"] == "patches" and load_model(folder)._tome.partition == "patches"
+    del meta["tome"]["partition"]  # as vitfab wrote it before the reference rule
+    weights = folder / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    save_file(tensors, str(weights), metadata={"vitfab": json.dumps(meta)})
+    (folder / "meta.json").write_text(json.dumps(meta))
+    old = load_model(folder)
+    assert old._tome.partition == "patches"
+    with torch.no_grad():
+        assert torch.equal(old(x), ref(x))
+    fresh = tome.apply(tiny(), 4)
+    assert fresh._tome.partition == "reference" and tome.tome_info(fresh)["partition"] == "reference"
+    tome.apply(old, 2)  # a new schedule on a patched model keeps its rule
+    assert old._tome.partition == "patches"
+    with pytest.raises(ToMeError, match="partition"):
+        tome.apply(_vit(), 4, partition="halves")
 
 
 def test_r_clipped_to_half():
@@ -325,7 +422,7 @@ def test_gradient_checkpointing_is_refused(x):
 
 
 def test_fp16_merge_of_large_values_stays_finite():
-    x = torch.full((1, 5, 2), 30000.0).half()  # sizes x values exceed fp16's 65504
+    x = torch.full((1, 5, 2), 30000.0).half()  # sizes x values would exceed fp16's 65504
     m = bipartite_soft_matching(torch.randn(1, 5, 4), r=2, protected=1)
     merged, size = merge_wavg(m, x, torch.tensor([[[1.0], [3.0], [5.0], [2.0], [4.0]]]))
     assert merged.dtype == torch.float16 and torch.isfinite(merged).all()

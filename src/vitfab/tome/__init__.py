@@ -5,7 +5,7 @@ knows nothing of timm; ``schedule.py`` turns r specs into per-layer r; ``patch.p
 glue (``apply`` / ``set_schedule`` / ``remove``); ``visualize.py`` draws the merged groups.
 """
 
-from .merge import Matching, bipartite_soft_matching, clip_r, merge_source, merge_wavg
+from .merge import DEFAULT_PARTITION, PARTITIONS, Matching, bipartite_soft_matching, clip_r, merge_source, merge_wavg
 from .patch import (
     ToMeError,
     apply,
@@ -21,7 +21,7 @@ from .patch import (
 from .schedule import RECORDED, Schedule, ScheduleError, parse_tome_spec, token_counts
 
 __all__ = [
-    "Matching", "RECORDED", "Schedule", "ScheduleError", "ToMeError", "apply", "apply_recorded", "apply_spec",
+    "DEFAULT_PARTITION", "Matching", "PARTITIONS", "RECORDED", "Schedule", "ScheduleError", "ToMeError", "apply", "apply_recorded", "apply_spec",
     "bipartite_soft_matching", "block_macs", "clip_r", "is_patched", "merge_source", "merge_wavg",
     "parse_tome_spec", "remove", "resolve_schedule", "set_schedule", "token_counts", "tome_info",
 ]

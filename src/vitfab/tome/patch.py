@@ -22,8 +22,11 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import VitfabError
 from ..models.relpos import RelPosAttention, grid_positions
-from .merge import bipartite_soft_matching, clip_r, merge_source, merge_wavg
+from .merge import DEFAULT_PARTITION, PARTITIONS, bipartite_soft_matching, clip_r, merge_source, merge_wavg
 from .schedule import RECORDED, Schedule, ScheduleSpec, resolve_target
+
+
+LEGACY_PARTITION = "patches"  # what a checkpoint without tome.partition was made with
 
 
 class ToMeError(VitfabError):
@@ -39,6 +42,7 @@ class ToMeState:
     prop_attn: bool = True
     trace_source: bool = False
     protected: int = 1
+    partition: str = DEFAULT_PARTITION  # how tokens split into sets A and B (merge.PARTITIONS)
     size: torch.Tensor | None = None  # (B, N, 1) patches per token
     source: torch.Tensor | None = None  # (B, N, N_in) which input tokens each token holds
     positions: torch.Tensor | None = None  # (B, N, 2) mean patch coordinates (relative-position models)
@@ -100,7 +104,7 @@ class ToMeBlock(Block):
         if r > 0:
             if attn_mask is not None or is_causal:
                 raise ToMeError("an attention mask cannot follow the tokens that ToMe merges; use r=0")
-            matching = bipartite_soft_matching(metric, r, state.protected)
+            matching = bipartite_soft_matching(metric, r, state.protected, state.partition)
             if state.trace_source:
                 state.source = merge_source(matching, state.source, x)
             if relative:  # a merged token sits at the size-weighted mean of its patches' coordinates
@@ -205,20 +209,29 @@ def resolve_schedule(model: VisionTransformer, r: ScheduleSpec) -> tuple[Schedul
     return schedule, per_layer
 
 
-def apply(model: VisionTransformer, r: ScheduleSpec = 0, prop_attn: bool = True,
-          trace_source: bool = False) -> VisionTransformer:
+def apply(model: VisionTransformer, r: ScheduleSpec = 0, prop_attn: bool = True, trace_source: bool = False,
+          partition: str | None = None) -> VisionTransformer:
     """Patch ``model`` in place (no copy) for token merging with schedule ``r``; returns it.
 
+    ``partition``: ``reference`` (the paper's A/B split over the whole sequence) or ``patches``
+    (alternation over the patch tokens only: checkpoints fine-tuned before vitfab adopted the
+    reference rule); None keeps the rule of a patched model and is ``reference`` otherwise.
     Calling it again on a patched model changes the schedule and options.
     """
     _check(model)
+    if partition is None:
+        partition = model._tome.partition if is_patched(model) else DEFAULT_PARTITION
+    if partition not in PARTITIONS:
+        raise ToMeError(f"unknown ToMe partition '{partition}' (choose {', '.join(PARTITIONS)})")
     schedule, per_layer = resolve_schedule(model, r)
     if is_patched(model):
         state = model._tome
         state.schedule, state.r, state.prop_attn, state.trace_source = schedule, per_layer, prop_attn, trace_source
+        state.partition = partition
         state.reset()
         return model
-    state = ToMeState(schedule, per_layer, prop_attn, trace_source, protected=model.num_prefix_tokens)
+    state = ToMeState(schedule, per_layer, prop_attn, trace_source, protected=model.num_prefix_tokens,
+                      partition=partition)
     for i, blk in enumerate(model.blocks):
         blk.__class__ = ToMeBlock
         if type(blk.attn) is Attention:  # RelPosAttention takes size/metric/positions itself
@@ -258,7 +271,7 @@ def tome_info(model: torch.nn.Module) -> dict[str, Any] | None:
         return None
     s = model._tome
     return {"schedule": s.schedule.describe(), "spec": s.schedule.spec(), "r_per_layer": list(s.r),
-            "prop_attn": s.prop_attn}
+            "prop_attn": s.prop_attn, "partition": s.partition}
 
 
 def apply_spec(model: VisionTransformer, spec: str | None) -> VisionTransformer:
@@ -274,7 +287,9 @@ def apply_spec(model: VisionTransformer, spec: str | None) -> VisionTransformer:
 
 def apply_recorded(model: VisionTransformer, recorded: dict[str, Any] | None) -> VisionTransformer:
     """Re-apply a schedule as ``tome_info`` recorded it (in a checkpoint's metadata), in place;
-    the model unchanged where nothing was recorded."""
+    the model unchanged where nothing was recorded. A record without a partition was written
+    before vitfab had the reference rule: its model was fine-tuned with ``patches``, and keeps it."""
     if recorded:
-        apply(model, recorded.get("spec", list(recorded["r_per_layer"])), prop_attn=recorded.get("prop_attn", True))
+        apply(model, recorded.get("spec", list(recorded["r_per_layer"])), prop_attn=recorded.get("prop_attn", True),
+              partition=recorded.get("partition", LEGACY_PARTITION))
     return model

@@ -23,8 +23,10 @@ def patch_groups(model, x: torch.Tensor, r: ScheduleSpec) -> tuple[np.ndarray, t
     The model is patched with source tracing for the call and restored afterwards.
     """
     was_patched = is_patched(model)
-    prev = (model._tome.schedule, model._tome.prop_attn, model._tome.trace_source) if was_patched else None
-    apply(model, r, prop_attn=prev[1] if was_patched else True, trace_source=True)
+    prev = (model._tome.schedule, model._tome.prop_attn, model._tome.trace_source, model._tome.partition) \
+        if was_patched else None
+    options = {"prop_attn": prev[1], "partition": prev[3]} if was_patched else {}
+    apply(model, r, trace_source=True, **options)
     try:
         with torch.inference_mode():
             logits = model(x)
@@ -39,7 +41,7 @@ def patch_groups(model, x: torch.Tensor, r: ScheduleSpec) -> tuple[np.ndarray, t
         return groups.reshape(gh, gw), logits
     finally:
         if was_patched:
-            apply(model, prev[0], prop_attn=prev[1], trace_source=prev[2])
+            apply(model, prev[0], prop_attn=prev[1], trace_source=prev[2], partition=prev[3])
         else:
             remove(model)
 
