@@ -38,8 +38,12 @@ def test_reference_baseline_is_deit_b16():
 def test_unknown_and_non_vit_models():
     with pytest.raises(VitfabError, match="unknown timm model.*deit_tiny_patch16_224"):
         create_model("deit_tinny_patch16_224")
-    with pytest.raises(VitfabError, match="VisionTransformer"):
-        create_model("resnet18", num_classes=2)
+    cnn = create_model("resnet18", num_classes=2, img_size=32)  # references: any timm classifier
+    assert cnn.vitfab_meta.preprocess.img_size == 32 and "img_size" not in cnn.vitfab_meta.kwargs
+    assert cnn.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+    from vitfab import tome
+    with pytest.raises(VitfabError, match="ToMe patches timm VisionTransformer models, not ResNet"):
+        tome.apply(cnn, 4)
 
 
 def test_checkpoint_roundtrip_reproduces_logits(tmp_path):

@@ -53,6 +53,33 @@ def test_joint_front_is_the_non_dominated_set():
         assert (c.model in front) == (not dominated)
 
 
+def test_choice_on_macro_f1_for_imbalanced_data():
+    """On imbalanced data the requirement and the choice compare macro-F1, not top-1: the fastest
+    candidate here has the best top-1 (it calls everything 'good') and the worst macro-F1."""
+    cs = [JointCandidate("a", "c", None, "fp32", accuracy=0.95, macro_f1=0.40, img_per_s=900),
+          JointCandidate("b", "c", None, "fp32", accuracy=0.90, macro_f1=0.85, img_per_s=400),
+          JointCandidate("c", "c", None, "fp32", accuracy=0.85, macro_f1=0.80, img_per_s=600)]
+    assert choose(cs, 0.8, "throughput", "top1")[0].model == "a"
+    assert choose(cs, 0.8, "throughput", "macro_f1")[0].model == "c"
+    assert {c.model for c in joint_front(cs, "throughput", "top1")} == {"a"}  # a dominates on top-1
+    assert {c.model for c in joint_front(cs, "throughput", "macro_f1")} == {"a", "b", "c"}
+
+
+def test_teacher_is_the_best_reference_on_validation():
+    from vitfab.optimize.results import ReferenceModel
+    from vitfab.optimize.training_stages import pick_teacher
+
+    def ref(label, top1, f1):
+        return ReferenceModel(label.lower(), label, f"runs/{label}", f"ck/{label}", 3, 10.0, None, top1, f1)
+
+    refs = [ref("A", 0.90, 0.60), ref("B", 0.85, 0.80), ref("C", 0.90, 0.70)]
+    assert (pick_teacher(refs, "top1").best, pick_teacher(refs, "top1").teacher) == ("A", "ck/A")  # first of equals
+    assert pick_teacher(refs, "macro_f1").teacher == "ck/B"
+    given = pick_teacher(refs, "top1", "my/teacher")
+    assert given.teacher == "my/teacher" and given.best == "A" and "my/teacher" in given.teacher_label
+    assert pick_teacher([], "top1").teacher is None
+
+
 def test_requirement():
     assert Requirement(max_drop=1.0).threshold(0.9) == pytest.approx(0.89)
     assert Requirement(min_accuracy=0.8, max_drop=None).threshold(0.9) == 0.8
@@ -64,7 +91,8 @@ def test_requirement():
 
 
 def test_candidate_round_trip():
-    c = JointCandidate("subnet-1", "x", "macs=0.5", "int8", "E192", 10, 0.5, [2, 2], 0.9, 100.0, 1.0)
+    c = JointCandidate("subnet-1", "x", "macs=0.5", "int8", "E192", 10, 0.5, [2, 2], accuracy=0.9, macro_f1=0.7,
+                       img_per_s=100.0, latency_ms=1.0)
     assert JointCandidate.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 
@@ -72,11 +100,14 @@ def test_candidate_round_trip():
 def test_budget_shares_and_cuts():
     b = Budget(1000.0, WEIGHTS)
     total = sum(WEIGHTS.values())
-    assert b.share("baseline") == pytest.approx(1000 * 3.0 / total)
+    w = WEIGHTS["supernet"]
+    assert b.share("supernet") == pytest.approx(1000 * w / total)
     b.finish("data", 400.0)  # a stage that overran leaves less to the rest
-    assert b.share("baseline") == pytest.approx(600 * 3.0 / (total - 0.05))
-    n = b.epochs("baseline", 16, epoch_seconds=50.0)
-    assert n == int(b.share("baseline") // 50) and n < 16 and any("baseline" in c for c in b.cuts)
+    assert b.share("supernet") == pytest.approx(600 * w / (total - WEIGHTS["data"]))
+    n = b.epochs("supernet", 16, epoch_seconds=10.0)
+    assert n == int(b.share("supernet") // 10) and n < 16 and any("supernet" in c for c in b.cuts)
+    assert b.fit("baseline", 5.0, 3, 20.0, fraction=True) == (1, 0.25)  # fewer steps than one epoch
+    assert any(c.startswith("baseline: 0.25 of 1 epoch") for c in b.cuts)
     assert b.epochs("baseline", 16, epoch_seconds=1e6) == 1  # never below one epoch
     assert b.epochs("baseline", 3, epoch_seconds=0.01) == 3  # never above nominal
     assert Budget(None, WEIGHTS).epochs("baseline", 16, 1e9) == 16 and Budget(None, WEIGHTS).share("baseline") is None
@@ -163,9 +194,9 @@ def test_distillation_losses(synth_small, tmp_path):
 # --------------------------------------------------------------------------- the main job
 def tiny_job(**kw) -> JobConfig:
     base = dict(n_per_class=8, img_size=32, patch_size=8, baseline_model="deit_tiny_patch16_224", min_reduction=1.0,
-                baseline_epochs=1, supernet_epochs=1, finetune_epochs=1, final_epochs=1, batch_size=16,
-                budget_minutes=0, top_k=1, tome_grid="none,macs=0.5", measure_seconds=0.02, speed_at_224=False,
-                device="cpu")
+                baseline_epochs=1, supernet_epochs=1, finetune_epochs=1, final_epochs=1, reference_epochs=1,
+                pilot_epochs=1, references="resnet18", batch_size=16, budget_minutes=0, top_k=1,
+                tome_grid="none,macs=0.5", measure_seconds=0.02, speed_at_224=False, device="cpu")
     return JobConfig(**(base | kw))
 
 
@@ -174,7 +205,7 @@ def job_run(tmp_path_factory):
     from vitfab.optimize import run_job
 
     out = tmp_path_factory.mktemp("job") / "run"
-    summary = run_job(tiny_job(distill="soft"), out=out, progress=False)
+    summary = run_job(tiny_job(references="resnet18,deit_tiny_patch16_224"), out=out, progress=False)
     return out, summary
 
 
@@ -201,10 +232,20 @@ def test_main_job_writes_the_evidence(job_run):
             assert row["energy_note"]  # null energy always comes with the reason
     assert sum(r["chosen"] for r in s["ablation"]) == 1
     assert max(s["deploy"]["parity_max_abs_diff"].values()) <= 1e-3  # the chosen model in ONNX Runtime
-    models = {m["label"] for m in s["stage_results"]["finetune"]["models"]}
-    assert models == {"subnet-1", "subnet-1-kd"}  # the distilled variant competes in the joint search
+    models = s["stage_results"]["finetune"]["models"]
+    assert [m["label"] for m in models] == ["subnet-1"]
+    refs = s["stage_results"]["references"]
+    assert [m["label"] for m in refs["models"]] == ["ResNet-18", "DeiT-Tiny"]
+    best = max(refs["models"], key=lambda m: m["val_top1"])  # balanced data: top-1 decides
+    assert refs["best"] == best["label"] and refs["teacher"] == best["checkpoint"]
+    taught = s["stage_results"]["pilot"]["mode"] != "none"
+    assert all((m["teacher"] == best["checkpoint"]) == taught for m in models)  # the pilot's choice everywhere
+    assert {r["name"] for r in s["ablation"] if r["kind"] == "reference"} >= {"ResNet-18 (reference)",
+                                                                             "DeiT-Tiny (reference)"}
+    assert s["joint"]["requirement_source"] == refs["best"] and set(s["joint"]["reference_val"]) == {"ResNet-18",
+                                                                                                      "DeiT-Tiny"}
     cands = json.loads((out / "joint" / "candidates.json").read_text())
-    assert len(cands) == 2 * 2 * len(s["stage_results"]["joint"]["precisions"])
+    assert len(cands) == 1 * 2 * len(s["stage_results"]["joint"]["precisions"])  # 1 subnet x 2 schedules
     md = (out / "report" / "report.md").read_text()
     html = (out / "report" / "report.html").read_text()
     assert s["device"]["name"] in md and "<table>" in html and 'src="pareto.png"' in html
@@ -270,7 +311,7 @@ def test_main_job_resumes_after_an_interruption(job_run, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_job(tiny_job(), out=out, progress=False)
     state = json.loads((out / "state.json").read_text())
-    assert set(state["stages"]) == {"data", "baseline", "supernet", "search", "finetune"}
+    assert set(state["stages"]) == {"data", "references", "pilot", "baseline", "supernet", "search", "finetune"}
     best = (out / "baseline" / "checkpoints" / "best" / "model.safetensors").read_bytes()
     summary = resume_job(out, progress=False)
     assert calls["n"] == 2 and summary.chosen.checkpoint
@@ -309,14 +350,15 @@ def test_main_job_fits_a_budget_and_says_what_it_cut(tmp_path):
     from vitfab.optimize import run_job
 
     s = run_job(tiny_job(budget_minutes=0.05, baseline_epochs=3, supernet_epochs=3, finetune_epochs=2,
-                         final_epochs=2), out=tmp_path / "run", progress=False)
+                         final_epochs=2, reference_epochs=2), out=tmp_path / "run", progress=False)
     plans = json.loads((tmp_path / "run" / "state.json").read_text())["plans"]
     assert plans["baseline"]["baseline_ips"] > 0
     assert [plans[k]["epochs"] for k in ("baseline", "supernet", "finetune", "final")] == [1, 1, 1, 1]
+    assert plans["baseline"]["fraction"] < 1  # DeiT-B/16 (here DeiT-T) gets part of an epoch: fewer steps
     assert plans["search"]["population"] >= 4 and plans["search"]["generations"] <= 3
     cuts = s.budget.cuts
-    for prefix in ("baseline: 1 of 3 epochs", "supernet: 1 of 3 epochs", "finetune: 1 of 2", "final: 1 of 2",
-                   "search: population"):
+    for prefix in ("reference ResNet-18: 1 of 2 epochs", "baseline: 0.", "supernet: 1 of 3 epochs", "finetune: 1 of 2",
+                   "final: 1 of 2", "search: population"):
         assert any(c.startswith(prefix) for c in cuts), prefix
     md = (tmp_path / "run" / "report" / "report.md").read_text()
     assert all(f"- cut: {c}" in md for c in cuts)
@@ -332,6 +374,9 @@ def test_main_job_fits_a_budget_and_says_what_it_cut(tmp_path):
     (["--distill", "maybe"], "--distill"),
     (["--space", "base"], "smallest subnet"),  # no base-space subnet is 10x below DeiT-B: said before training
     (["--good-class", "flawless"], "--good-class"),
+    (["--references", "resnet18,no_such_net"], "--references"),  # found before any training
+    (["--requirement-from", "vgg99"], "--requirement-from"),
+    (["--teacher", "/nonexistent/teacher"], "--teacher"),
 ])
 def test_run_bad_input_is_one_line(args, msg, tmp_path, capsys):
     code = main(["run", "--out", str(tmp_path / "r"), "--no-progress", *args])
@@ -399,3 +444,33 @@ def test_stage_results_round_trip_through_state_json(job_run):
         saved = state["stages"][stage.name]["result"]
         result = from_json(stage.result, saved)
         assert isinstance(result, stage.result) and to_json(result) == saved
+
+
+def test_budget_replans_on_a_fake_clock(tmp_path, monkeypatch):
+    """Stages on a fake clock: one that overruns leaves the later ones less, one that finishes
+    early leaves them more, and what the stages are given never exceeds what is left."""
+    from vitfab.optimize import context
+    from vitfab.optimize.context import JobContext, Stage, run_stages
+    from vitfab.rundir import RunDir
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(context.time, "perf_counter", lambda: clock["t"])
+    given, used = {}, {"a": 2.0, "b": 0.5, "c": 1.0, "d": 1.0}  # a overruns 2x, b leaves half unused
+
+    def stage(name):
+        def run(ctx, **_):
+            given[name] = ctx.budget.share(name)
+            clock["t"] += used[name] * given[name]
+            return name
+        return Stage(name, 1.0, run, (), str)
+
+    stages = tuple(stage(n) for n in "abcd")
+    run = RunDir.create(tmp_path / "run")
+    ctx = JobContext(run, tiny_job(budget_minutes=400 / 60), stages, progress=False)
+    run_stages(ctx, stages)
+    assert given["a"] == pytest.approx(100)  # a quarter of 400 s
+    assert given["b"] == pytest.approx((400 - 200) / 3)  # a's overrun shrinks what follows
+    left = 400 - 200 - given["b"] / 2
+    assert given["c"] == pytest.approx(left / 2)  # b's unused half goes to c and d
+    assert given["d"] == pytest.approx(left / 2)
+    assert ctx.budget.spent == pytest.approx(400)  # everything spent, no more

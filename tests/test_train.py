@@ -127,3 +127,39 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, synth_small):
     r = resume(tmp_path / "run", progress=False)
     assert r.best_epoch == 0 and len(r.history) == 1
     assert (tmp_path / "run" / "checkpoints" / "last" / "model.safetensors").read_bytes() == before
+
+
+def test_balanced_sampling_draws_classes_equally_in_expectation():
+    from vitfab.train.sampling import ShareSampler, balanced_weights
+
+    labels = [0] * 90 + [1] * 9 + [2] * 1
+    sampler = ShareSampler(len(labels), 10, 0, 1, torch.Generator().manual_seed(0), True,
+                           balanced_weights(labels, 3))
+    drawn = torch.tensor([labels[i] for _ in range(200) for i in sampler])
+    share = torch.bincount(drawn, minlength=3).float() / len(drawn)
+    assert len(list(sampler)) == 100 and torch.allclose(share, torch.full((3,), 1 / 3), atol=0.02)
+    plain = ShareSampler(len(labels), 10, 0, 1, torch.Generator().manual_seed(0), True, count=50)
+    order = list(plain)
+    assert len(order) == 50 and len(set(order)) == 50  # a fraction of an epoch: no repeats
+
+
+def test_imbalanced_data_selects_on_macro_f1_and_balances(tmp_path, make_folder):
+    """8:1 classes: the run samples class-balanced and keeps the epoch with the best validation
+    macro-F1 (ties: the better top-1), as its metrics record says; balanced data keeps top-1."""
+    from vitfab.data.images import scan_image_folder
+    from vitfab.data.split import make_split
+    from vitfab.train.loop import resolved_policy
+
+    data = make_folder({"good": 48, "defect": 6}, size=32)
+    cfg = TrainConfig(data=str(data), epochs=4, batch_size=8, amp="off", seed=3, lr=3e-3, **TINY)
+    r = train(cfg, out=tmp_path / "run", progress=False)
+    assert (r.select_on, r.balance) == ("macro_f1", "sampler")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    best = max(rows, key=lambda x: (x["val_macro_f1"], x["val_top1"], -x["epoch"]))
+    assert r.best_epoch == best["epoch"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["select_on"], config["balance"]) == ("macro_f1", "sampler")
+    even = make_split(scan_image_folder(make_folder({"a": 6, "b": 5}, root=tmp_path / "even")))
+    assert resolved_policy(TrainConfig(data="x"), even) == ("top1", "none")
+    skewed = make_split(scan_image_folder(data))
+    assert resolved_policy(TrainConfig(data="x", balance="weights", select_on="top1"), skewed) == ("top1", "weights")

@@ -207,15 +207,19 @@ def run(config: JobConfig, out, resume, as_json, progress):
         return _print_json(summary.to_dict())
     ch = summary.chosen
     _say(f"\nrun folder: {summary.run}")
-    _say(f"requirement: {summary.joint.requirement} -> {'met' if summary.requirement_met else 'NOT met'}")
-    _say(f"chosen: {ch.arch} | ToMe {ch.tome or 'none'} | {ch.precision}  (test top-1 {100 * ch.test.top1:.2f} %)")
     _say("\n".join(ablation_table(summary.ablation)))
     if summary.at_224:
         at = summary.at_224
-        _say(f"at 224 px: {at.speedup:.1f}x DeiT-B/16 fp32 throughput, {at.params_reduction:.1f}x fewer params, "
-             f"{at.macs_reduction:.1f}x fewer GMACs")
-    _say(f"report: {Path(summary.run) / 'report' / 'report.html'}")
-    _say(f"wall time: {summary.wall_seconds_this_call:.0f} s")
+        _say(f"at 224 px (random weights, speed only): {at.speedup:.1f}x DeiT-B/16 fp32, {at.params_reduction:.1f}x "
+             f"fewer params, {at.macs_reduction:.1f}x fewer GMACs")
+    _say(f"report: {Path(summary.run) / 'report' / 'report.html'}; wall time: {summary.wall_seconds_this_call:.0f} s")
+    _say(f"requirement: {summary.joint.requirement} -> {'met' if summary.requirement_met else 'NOT met'}")
+    speedup = summary.primary_speedup
+    _say(f"chosen: {ch.arch} | ToMe {ch.tome or 'none'} | {ch.precision}: test top-1 {100 * ch.test.top1:.2f} %, "
+         f"macro-F1 {ch.test.macro_f1:.3f}" + (f", {speedup:.1f}x DeiT-B/16 fp32 at {summary.data.img_size} px"
+                                               if speedup else ""))
+    for verdict in summary.verdicts:
+        _say(f"NOTE: {verdict}")
 
 
 # --------------------------------------------------------------------------- training

@@ -14,6 +14,7 @@ from ..options import option
 from .images import ImageFolderIndex
 
 SUBSETS = ("train", "val", "test")
+IMBALANCED_ABOVE = 3.0  # classes are imbalanced when the largest has more than 3x the images of the smallest
 
 
 @dataclass
@@ -67,6 +68,15 @@ class Split:
         for _, y in self.subset("all"):
             totals[y] += 1
         return float(totals.max() / max(totals.min(), 1))
+
+    @property
+    def imbalanced(self) -> bool:
+        """The one definition every stage uses: largest class > ``IMBALANCED_ABOVE`` x the smallest."""
+        return self.imbalance_ratio() > IMBALANCED_ABOVE
+
+    def selection_metric(self) -> str:
+        """What picks checkpoints and candidates on this data: macro-F1 when imbalanced, else top-1."""
+        return "macro_f1" if self.imbalanced else "top1"
 
     def save(self, path: str | Path) -> None:
         data = asdict(self)

@@ -47,6 +47,17 @@ def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(a, b, out=np.zeros_like(a, dtype=np.float64), where=b > 0)
 
 
+def macro_f1(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
+    """Mean F1 over the classes that occur in ``targets``."""
+    cm = confusion_matrix(np.asarray(targets, dtype=np.int64), np.asarray(preds, dtype=np.int64), num_classes)
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(axis=1).astype(np.float64), cm.sum(axis=0).astype(np.float64)
+    precision, recall = _safe_div(tp, predicted), _safe_div(tp, support)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    present = support > 0
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
 def classification_metrics(
     logits: np.ndarray,
     targets: np.ndarray,

@@ -21,10 +21,34 @@ BASELINE = "deit_base_patch16_224"
 def check_model_name(name: str) -> None:
     if timm.is_model(name):
         return
-    candidates = timm.list_models("*vit*") + timm.list_models("deit*")
+    candidates = timm.list_models()
     close = difflib.get_close_matches(name, candidates, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise VitfabError(f"unknown timm model '{name}'{hint}")
+
+
+def _build(name: str, pretrained: bool, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """timm's model; a convnet (no ``img_size`` argument: it takes any size) is built without it."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        if "img_size" in str(exc) and "patch_size" not in kwargs:  # a CNN: the size is the data's, not the model's
+            return _build(name, pretrained, {k: v for k, v in kwargs.items() if k != "img_size"})
+        if "patch_size" in str(exc):
+            raise VitfabError(f"{name} has no patches: --patch-size applies to ViTs") from None
+        raise VitfabError(f"cannot build {name} with {kwargs}: {exc}") from None
+    except (OSError, RuntimeError, ValueError) as exc:
+        if pretrained:
+            raise CheckpointError(
+                f"could not fetch pretrained weights for {name} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); offline? "
+                "pass a local file with --weights PATH"
+            ) from None
+        raise VitfabError(f"cannot build {name} with {kwargs}: {exc}") from None
+
+
+def is_vit(model: torch.nn.Module) -> bool:
+    return isinstance(model, VisionTransformer)
 
 
 def create_model(
@@ -36,15 +60,17 @@ def create_model(
     weights: str | Path | None = None,
     classes: list[str] | None = None,
     **overrides: Any,
-) -> VisionTransformer:
-    """Build a timm ``VisionTransformer`` (DeiT, ViT, ...) by name.
+) -> torch.nn.Module:
+    """Build a timm classifier by name: a ``VisionTransformer`` (DeiT, ViT, vitfab's subnets), or
+    any other timm model, e.g. the convnets the main job trains as references.
 
-    ``img_size`` / ``patch_size`` override the architecture for small-scale runs (position
-    and patch embeddings of loaded weights are resized to fit); other keyword arguments go to
-    timm (``embed_dim``, ``depth``, ``num_heads``, ``drop_path_rate``, ...).
-    ``pretrained`` takes timm's hub weights (needs the network); ``weights`` a local
-    ``.safetensors`` or ``.pth/.pt`` file. With a different class count the classifier head
-    is re-initialised. The returned model carries ``model.vitfab_meta`` (a :class:`ModelMeta`).
+    ``img_size`` / ``patch_size`` override a ViT's architecture for small-scale runs (position
+    and patch embeddings of loaded weights are resized to fit); a convnet takes any input size,
+    and ``img_size`` only sets the size it is fed. Other keyword arguments go to timm
+    (``embed_dim``, ``depth``, ``num_heads``, ``drop_path_rate``, ...). ``pretrained`` takes timm's
+    hub weights (needs the network); ``weights`` a local ``.safetensors`` or ``.pth/.pt`` file.
+    With a different class count the classifier head is re-initialised. The returned model
+    carries ``model.vitfab_meta`` (a :class:`ModelMeta`).
     """
     check_model_name(name)
     if pretrained and weights:
@@ -60,25 +86,15 @@ def create_model(
         kwargs["img_size"] = int(img_size)
     if patch_size is not None:
         kwargs["patch_size"] = int(patch_size)
-    try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except (OSError, RuntimeError, ValueError) as exc:
-        if pretrained:
-            raise CheckpointError(
-                f"could not fetch pretrained weights for {name} ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); offline? "
-                "pass a local file with --weights PATH"
-            ) from None
-        raise VitfabError(f"cannot build {name} with {kwargs}: {exc}") from None
-    except TypeError as exc:
-        raise VitfabError(f"cannot build {name} with {kwargs}: {exc}") from None
-    if not isinstance(model, VisionTransformer):
-        raise VitfabError(f"{name} is a {type(model).__name__}; vitfab works on timm VisionTransformer models")
+    model = _build(name, pretrained, kwargs)
+    if not is_vit(model):
+        kwargs.pop("img_size", None)
     if weights:
         load_weights(model, weights)
     cfg = model.pretrained_cfg or {}
+    size = int(model.patch_embed.img_size[0]) if is_vit(model) else int(img_size or cfg.get("input_size", (3, 224))[-1])
     pre = Preprocess(
-        img_size=int(model.patch_embed.img_size[0]),
+        img_size=size,
         mean=tuple(cfg.get("mean", Preprocess.mean)),
         std=tuple(cfg.get("std", Preprocess.std)),
         interpolation=cfg.get("interpolation", "bicubic"),
@@ -109,13 +125,15 @@ def model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-def describe(model: VisionTransformer) -> str:
+def describe(model: torch.nn.Module) -> str:
     n = sum(p.numel() for p in model.parameters())
+    size = model.vitfab_meta.preprocess.img_size
+    if not is_vit(model):
+        return f"{model.vitfab_meta.name}: {type(model).__name__}, img {size} px, {n / 1e6:.2f}M params"
     return (
         f"{model.vitfab_meta.name}: embed {model.embed_dim}, depth {len(model.blocks)}, "
-        f"img {model.patch_embed.img_size[0]} px, patch {model.patch_embed.patch_size[0]}, "
-        f"{n / 1e6:.2f}M params"
+        f"img {size} px, patch {model.patch_embed.patch_size[0]}, {n / 1e6:.2f}M params"
     )
 
 
-__all__ = ["BASELINE", "create_model", "describe", "model_device", "CheckpointError"]
+__all__ = ["BASELINE", "create_model", "describe", "is_vit", "model_device", "CheckpointError"]

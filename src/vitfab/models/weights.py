@@ -6,6 +6,8 @@ import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from ..errors import CheckpointError
@@ -19,9 +21,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -45,20 +44,29 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def head_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """The state-dict prefixes of the classifier(s): ``head.``/``head_dist.`` for ViTs, the model's
+    own (``fc.`` for a ResNet, ``classifier.`` ...) for other timm models."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("classifier", "head")
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return tuple(f"{n}." for n in names) + ("head.", "head_dist.")
+
+
 def fit_state_dict(
-    state_dict: dict[str, torch.Tensor], model: VisionTransformer, source: str = "weights"
+    state_dict: dict[str, torch.Tensor], model: torch.nn.Module, source: str = "weights"
 ) -> dict[str, torch.Tensor]:
-    """Resize position and patch embeddings to ``model`` (timm's rules) and drop a classifier
-    head whose class count differs, so that the model keeps its freshly initialised head."""
-    sd = checkpoint_filter_fn(dict(state_dict), model)
-    own = model.state_dict()
+    """Resize a ViT's position and patch embeddings to ``model`` (timm's rules) and drop a
+    classifier head whose class count differs, so that the model keeps its freshly initialised head."""
+    sd = checkpoint_filter_fn(dict(state_dict), model) if isinstance(model, VisionTransformer) else dict(state_dict)
+    own, heads = model.state_dict(), head_prefixes(model)
     for key in list(sd):
-        if key.startswith(("head.", "head_dist.")) and key in own and sd[key].shape != own[key].shape:
+        if key.startswith(heads) and key in own and sd[key].shape != own[key].shape:
             del sd[key]
     return sd
 
 
-def load_weights(model: VisionTransformer, path: str | Path) -> list[str]:
+def load_weights(model: torch.nn.Module, path: str | Path) -> list[str]:
     """Load a weight file into ``model``; returns the keys kept at their initial values
     (a re-initialised head). Any other mismatch is an error."""
     sd = fit_state_dict(read_state_dict(path), model)
@@ -70,7 +78,7 @@ def load_weights(model: VisionTransformer, path: str | Path) -> list[str]:
             f"{' ...' if len(wrong) > 3 else ''} (check --model, --img-size, --patch-size)"
         )
     result = model.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(("head.", "head_dist."))]
+    missing = [k for k in result.missing_keys if not k.startswith(head_prefixes(model))]
     if missing or result.unexpected_keys:
         detail = missing[:3] or result.unexpected_keys[:3]
         raise CheckpointError(f"{path} does not fit this model: keys {', '.join(detail)} do not match")

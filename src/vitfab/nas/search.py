@@ -25,6 +25,7 @@ import yaml
 
 from ..data.split import Split
 from ..errors import VitfabError
+from ..evaluate.metrics import macro_f1
 from ..evaluate.runner import make_eval_loader
 from ..files import atomic_path, read_json, write_json_atomic, write_text_atomic
 from ..measure.speed import Timed, measure_speed
@@ -153,8 +154,10 @@ class SearchResult:
 
 class EvolutionarySearch:
     def __init__(self, supernet, loader, device: torch.device, limits: Limits, cfg: SearchConfig, out: str | Path,
-                 progress: bool = True):
+                 progress: bool = True, metric: str = "top1"):
+        """``metric``: what scores a candidate on the validation split, top1 or macro_f1 (imbalanced data)."""
         cfg.validate()
+        self.metric = metric
         self.net, self.loader, self.device, self.limits, self.cfg = supernet, loader, device, limits, cfg
         self.space: SearchSpace = supernet.space
         self.num_classes = supernet.num_classes
@@ -197,12 +200,16 @@ class EvolutionarySearch:
 
     @torch.inference_mode()
     def accuracy(self, arch: ArchConfig) -> float:
+        """The candidate's validation score with the supernet's weights (top-1 or macro-F1)."""
         self.net.set_arch(arch)
-        correct = total = 0
+        preds, targets = [], []
         for x, y in self.loader:
-            correct += int((self.net(x.to(self.device)).argmax(1).cpu() == y).sum())
-            total += len(y)
-        return correct / max(total, 1)
+            preds.append(self.net(x.to(self.device)).argmax(1).cpu())
+            targets.append(torch.as_tensor(y))
+        p, t = torch.cat(preds).numpy(), torch.cat(targets).numpy()
+        if self.metric == "macro_f1":
+            return macro_f1(t, p, self.num_classes)
+        return float((p == t).mean()) if len(t) else 0.0
 
     def evaluate(self, arch: ArchConfig) -> Candidate:
         key = arch.short()
@@ -255,7 +262,8 @@ class EvolutionarySearch:
         return self.out / JOB_STATE_FILE
 
     def _settings(self) -> dict[str, Any]:
-        return {"search": asdict(self.cfg), "limits": asdict(self.limits), "space": self.space.to_dict()}
+        settings = {"search": asdict(self.cfg), "limits": asdict(self.limits), "space": self.space.to_dict()}
+        return settings | ({"metric": self.metric} if self.metric != "top1" else {})
 
     def save_state(self) -> None:
         state = self.rng.getstate()

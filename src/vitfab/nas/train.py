@@ -164,9 +164,13 @@ class SupernetTrainer(Trainer):
                     out = self.train_model(x).float()
                 if teacher is None:
                     loss = self.loss_of(out, target)
+                    if self.teacher is not None:  # every subnet also learns from the run's teacher
+                        loss = self.distill_loss(x, out, loss)
                     teacher, first_loss, first_out = out.detach().softmax(-1), loss, out
-                else:
+                else:  # in-place distillation from the largest subnet (and the run's teacher, if any)
                     loss = torch.sum(-teacher * F.log_softmax(out, dim=-1), dim=-1).mean()
+                    if self.teacher is not None:
+                        loss = self.distill_loss(x, out, loss)
                 self.backward(loss, epoch)
         return first_loss, first_out
 

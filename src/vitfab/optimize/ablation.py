@@ -36,6 +36,7 @@ class AblationRow:
     tome: str | None
     precision: str
     chosen: bool = False
+    kind: str = "ablation"  # baseline | ablation | reference
 
     def bench_config(self, batch_size: int | None) -> BenchConfig:
         return BenchConfig(checkpoint=self.checkpoint, precision=self.precision, tome_r=self.tome,
@@ -66,7 +67,7 @@ def ablation_rows(
     tome_s = chosen_tome or default_tome
     bits = chosen_precision if chosen_precision != Precision.FP32.value else default_bits(device, bit_modes).value
     fp32 = Precision.FP32.value
-    rows = [AblationRow(baseline_name, (), baseline, None, fp32),
+    rows = [AblationRow(baseline_name, (), baseline, None, fp32, kind="baseline"),
             AblationRow("NAS", ("nas",), subnet, None, fp32),
             AblationRow(f"ToMe {tome_s}", ("tome",), baseline, tome_s, fp32)]
     rows += [AblationRow(p.value, ("bits",), baseline, None, p.value) for p in bit_modes if p != Precision.FP32]
@@ -114,7 +115,7 @@ NO_GOOD = "no good/normal class in this data set (--good-class names one)"
 def ablation_record(row: AblationRow, m: Measurement, metrics: dict[str, Any], base: Measurement) -> AblationRecord:
     """One row as reported: the test metrics and the measurement."""
     return AblationRecord(
-        name=row.name, axes=list(row.axes), chosen=row.chosen, checkpoint=row.checkpoint, tome=row.tome,
+        name=row.name, axes=list(row.axes), chosen=row.chosen, kind=row.kind, checkpoint=row.checkpoint, tome=row.tome,
         precision=row.precision, accuracy=metrics["top1"], macro_f1=metrics["macro_f1"],
         escape_rate=metrics.get("escape_rate"), overkill_rate=metrics.get("overkill_rate"),
         params=m.params, gmacs=round(m.gmacs, 4), img_per_s=round(m.img_per_s, 2),

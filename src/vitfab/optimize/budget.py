@@ -45,12 +45,24 @@ class Budget:
         share = self.share(stage)
         if share is None:
             return nominal
-        fit = int(share / parts // max(epoch_seconds, 1e-6))
-        n = max(1, min(nominal, fit))
-        if n < nominal:
-            self.cut(f"{stage}: {n} of {nominal} epochs (about {epoch_seconds:.0f} s per epoch, "
-                     f"{share:.0f} s of the budget{f' for {parts} runs' if parts > 1 else ''})")
-        return n
+        return self.fit(stage, share / parts, nominal, epoch_seconds,
+                        f"{share:.0f} s of the budget{f' for {parts} runs' if parts > 1 else ''}")[0]
+
+    def fit(self, what: str, seconds: float | None, nominal: int, epoch_seconds: float, why: str = "",
+            fraction: bool = False) -> tuple[int, float]:
+        """(epochs, share of an epoch) that fit ``seconds`` at ``epoch_seconds`` each: at most
+        ``nominal`` epochs, at least one -- or, with ``fraction``, a part of one (fewer steps)."""
+        if seconds is None:
+            return nominal, 1.0
+        fit = seconds / max(epoch_seconds, 1e-6)
+        n = max(1, min(nominal, int(fit)))
+        part = min(1.0, max(0.05, fit)) if fraction and fit < 1 else 1.0
+        why = why or f"{seconds:.0f} s of the budget"
+        if part < 1:
+            self.cut(f"{what}: {part:.2f} of 1 epoch (about {epoch_seconds:.0f} s per epoch, {why})")
+        elif n < nominal:
+            self.cut(f"{what}: {n} of {nominal} epochs (about {epoch_seconds:.0f} s per epoch, {why})")
+        return n, part
 
     def cut(self, text: str) -> None:
         if text not in self.cuts:

@@ -57,16 +57,26 @@ class JobContext:
         """A split's images read once into memory (for many models over the same images)."""
         return CachedBatches(make_eval_loader(split.root, split.subset(subset), pre, 64))
 
+    def epoch_seconds(self, model: torch.nn.Module, split: Split, extra_per_image: float = 0.0,
+                      batch_size: int | None = None) -> tuple[float, float]:
+        """(seconds per epoch, training img/s) of ``model`` on this split, from a measured step."""
+        bs = min(batch_size or self.config.batch_size, 16)
+        ips = probe_train_speed(model, bs, self.config.img_size, self.device, self.amp)
+        per = 1 / ips + extra_per_image
+        return epoch_seconds(len(split.train), len(split.val), 1 / per), ips
+
     def epochs_for(self, stage: str, nominal: int, model: torch.nn.Module, split: Split, parts: int = 1,
                    extra_per_image: float = 0.0) -> tuple[int, float | None]:
         """Epochs that fit the stage's share, from a measured training speed; and that speed
         (img/s; None without a budget, where nothing is probed)."""
         if self.budget.seconds is None:
             return nominal, None
-        ips = probe_train_speed(model, min(self.config.batch_size, 16), self.config.img_size, self.device, self.amp)
-        per = 1 / ips + extra_per_image
-        sec = epoch_seconds(len(split.train), len(split.val), 1 / per)
+        sec, ips = self.epoch_seconds(model, split, extra_per_image)
         return self.budget.epochs(stage, nominal, sec, parts), ips
+
+    def time_limit(self, seconds: float | None) -> float | None:
+        """A training run's hard stop: its planned time and a margin (the plan is a probe's estimate)."""
+        return None if seconds is None else 1.15 * seconds + 5.0
 
     def train_stage(self, folder: Path, tc: TrainConfig, split: Split, supernet: bool = False) -> TrainResult:
         """Train into ``folder``, or continue it where an interrupted job left it."""

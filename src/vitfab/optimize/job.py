@@ -30,6 +30,7 @@ from .config import JobConfig
 from .context import JobContext, run_stages
 from .joint import check_objective
 from .stages import PIPELINE
+from .training_stages import LABELS
 from .summary import build_summary
 
 
@@ -42,6 +43,7 @@ def check_job(config: JobConfig) -> tuple[JobConfig, Split | None]:
     check_model_name(config.baseline_model)
     if config.baseline_weights and not Path(config.baseline_weights).is_file():
         raise VitfabError(f"--baseline-weights not found: {config.baseline_weights}")
+    check_references(config)
     for mode in config.precision_modes(device):
         check_supported(mode, device)
     check_space(config)
@@ -54,6 +56,23 @@ def check_job(config: JobConfig) -> tuple[JobConfig, Split | None]:
     else:
         find_good_class(CLASSES, config.good_class)
     return config, split
+
+
+def check_references(config: JobConfig) -> None:
+    """Reference names, --requirement-from and --teacher, before any training."""
+    names = config.reference_names()
+    for name in names:
+        try:
+            check_model_name(name)
+        except VitfabError as exc:
+            raise VitfabError(f"--references: {exc}") from None
+    labels = {n.lower() for n in names} | {LABELS.get(n, n).lower() for n in names}
+    how = config.requirement_from
+    if how not in ("best", "baseline") and how.lower() not in labels:
+        raise VitfabError(f"--requirement-from {how}: choose best, baseline or one of the references "
+                          f"({', '.join(names) or 'none given'})")
+    if config.teacher and not Path(config.teacher).exists():
+        raise VitfabError(f"--teacher not found: {config.teacher}")
 
 
 def check_space(config: JobConfig) -> None:

@@ -11,13 +11,14 @@ the most accurate one, flagged.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ..errors import VitfabError
-from ..evaluate.accuracy import prepared_accuracy
+from ..evaluate.accuracy import prepared_scores
 from ..evaluate.runner import CachedBatches
 from ..measure.counts import count_macs, count_params
 from ..measure.energy import MIN_WINDOW_SECONDS, EnergyUnavailable, open_energy_counter
@@ -42,10 +43,15 @@ class JointCandidate:
     gmacs: float = 0.0
     r_per_layer: list[int] = field(default_factory=list)
     accuracy: float | None = None  # validation top-1
+    macro_f1: float | None = None  # validation macro-F1
     img_per_s: float | None = None
     latency_ms: float | None = None  # batch 1, median
     joules_per_img: float | None = None
     error: str | None = None  # could not run (unsupported mode, non-finite logits, unreachable schedule)
+
+    def score(self, metric: str = "top1") -> float | None:
+        """The validation value the choice compares: top-1, or macro-F1 (imbalanced data)."""
+        return self.macro_f1 if metric == "macro_f1" else self.accuracy
 
     @property
     def key(self) -> str:
@@ -69,25 +75,29 @@ def objective_value(c: JointCandidate, objective: str) -> float | None:
     return None if c.joules_per_img is None else -c.joules_per_img
 
 
-def usable(cands: Sequence[JointCandidate], objective: str) -> list[JointCandidate]:
-    return [c for c in cands if c.error is None and c.accuracy is not None and objective_value(c, objective) is not None]
+def usable(cands: Sequence[JointCandidate], objective: str, metric: str = "top1") -> list[JointCandidate]:
+    return [c for c in cands if c.error is None and c.score(metric) is not None
+            and objective_value(c, objective) is not None]
 
 
-def joint_front(cands: Sequence[JointCandidate], objective: str) -> list[JointCandidate]:
-    """Candidates that no other beats on both validation top-1 and the objective."""
-    return pareto_front(usable(cands, objective), lambda c: -objective_value(c, objective))
+def joint_front(cands: Sequence[JointCandidate], objective: str, metric: str = "top1") -> list[JointCandidate]:
+    """Candidates that no other beats on both the validation metric and the objective."""
+    scored = [dataclasses.replace(c, accuracy=c.score(metric)) for c in usable(cands, objective, metric)]
+    keys = {c.key for c in pareto_front(scored, lambda c: -objective_value(c, objective))}
+    return [c for c in cands if c.key in keys]
 
 
-def choose(cands: Sequence[JointCandidate], threshold: float, objective: str) -> tuple[JointCandidate, bool]:
-    """The best objective with top-1 >= threshold (ties: higher top-1, then fewer MACs); where no
-    candidate meets it, the most accurate one and ``False``."""
-    ok = usable(cands, objective)
+def choose(cands: Sequence[JointCandidate], threshold: float, objective: str,
+           metric: str = "top1") -> tuple[JointCandidate, bool]:
+    """The best objective with the validation metric >= threshold (ties: higher metric, then fewer
+    MACs); where no candidate meets it, the best on the metric and ``False``."""
+    ok = usable(cands, objective, metric)
     if not ok:
         raise VitfabError("no candidate of the joint search could be measured")
-    meeting = [c for c in ok if c.accuracy >= threshold - 1e-12]
+    meeting = [c for c in ok if c.score(metric) >= threshold - 1e-12]
     if meeting:
-        return max(meeting, key=lambda c: (objective_value(c, objective), c.accuracy, -c.gmacs)), True
-    return max(ok, key=lambda c: (c.accuracy, objective_value(c, objective))), False
+        return max(meeting, key=lambda c: (objective_value(c, objective), c.score(metric), -c.gmacs)), True
+    return max(ok, key=lambda c: (c.score(metric), objective_value(c, objective))), False
 
 
 def check_objective(objective: str, device: torch.device) -> None:
@@ -124,8 +134,9 @@ def _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar
                                    info["r_per_layer"] if info else [], error=err)
                 cands.append(c)
                 if err is None:
-                    m, c.accuracy, c.error = prepared_accuracy(merged, p, val_batches, device)
+                    m, scores, c.error = prepared_scores(merged, p, val_batches, device)
                     if m is not None:
+                        c.accuracy, c.macro_f1 = scores["top1"], scores["macro_f1"]
                         ready.append((c, m))
                 bar.update(t, advance=1, info=c.key)
     return cands, ready

@@ -28,6 +28,47 @@ class DataResult:
 
 
 @dataclass(frozen=True)
+class ReferenceModel:
+    """A model a user would otherwise train (a timm CNN, DeiT-Tiny, ...), trained on the run's split."""
+
+    name: str  # timm name
+    label: str
+    run: str
+    checkpoint: str
+    epochs: int
+    seconds: float  # the wall time its training took
+    budget_seconds: float | None  # what the budget gave it (at least 15 % of the whole)
+    val_top1: float
+    val_macro_f1: float
+
+    def score(self, metric: str) -> float:
+        return self.val_macro_f1 if metric == "macro_f1" else self.val_top1
+
+
+@dataclass(frozen=True)
+class ReferencesResult:
+    models: list[ReferenceModel]
+    metric: str  # the run's selection metric: top1, or macro_f1 on imbalanced data
+    best: str | None  # label of the best reference on validation
+    teacher: str | None  # the checkpoint the ViTs learn from (the best reference, or --teacher)
+    teacher_label: str | None
+
+    def model(self, name_or_label: str) -> ReferenceModel | None:
+        return next((m for m in self.models if name_or_label in (m.name, m.label)), None)
+
+
+@dataclass(frozen=True)
+class PilotResult:
+    """The distillation settings every later training stage uses, and why."""
+
+    mode: str  # none | soft | hard
+    reason: str
+    scores: dict[str, float]  # validation metric of each mode the pilot tried
+    arch: str | None  # the pilot's student
+    epochs: float  # per pilot run (a fraction where the slice is shorter than an epoch)
+
+
+@dataclass(frozen=True)
 class BaselineResult:
     run: str
     checkpoint: str
@@ -83,8 +124,11 @@ class FinetuneResult:
 
 @dataclass(frozen=True)
 class JointResult:
-    baseline_val_top1: float
-    baseline_warning: str | None
+    metric: str  # what the requirement and the choice compare: top1, or macro_f1 (imbalanced data)
+    baseline_val: float  # the DeiT-B/16 baseline's validation value of that metric
+    reference_val: dict[str, float]  # every reference's, by label
+    requirement_source: str  # who set the requirement: a reference's label, or the baseline's
+    warning: str | None
     threshold: float
     requirement: str
     requirement_met: bool
@@ -103,16 +147,16 @@ class JointResult:
 class FinalResult:
     run: str
     epochs: int
-    val_top1_tuned: float
-    val_top1_off_the_shelf: float
+    val_tuned: float  # the run's selection metric (top-1, or macro-F1 on imbalanced data) on validation
+    val_off_the_shelf: float
     kept_tuned: bool
     checkpoint: str  # chosen/: the model as delivered (ToMe schedule and precision recorded)
     subnet_checkpoint: str  # the fine-tuned subnet before this stage
     test: TestMetrics
 
     @property
-    def val_top1(self) -> float:
-        return self.val_top1_tuned if self.kept_tuned else self.val_top1_off_the_shelf
+    def val(self) -> float:
+        return self.val_tuned if self.kept_tuned else self.val_off_the_shelf
 
 
 @dataclass(frozen=True)

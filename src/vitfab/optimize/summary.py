@@ -7,29 +7,51 @@ from typing import Any
 
 import torch
 
+from ..evaluate.accuracy import METRIC_NAMES
 from ..measure.measurement import device_name
-from ..report.summary import BudgetInfo, CandidateRow, ChosenInfo, DataInfo, DeviceInfo, JointInfo, Summary
+from ..report.summary import (AblationRecord, BudgetInfo, CandidateRow, ChosenInfo, DataInfo, DeviceInfo, JointInfo,
+                              ReferenceInfo, Summary, TeachingInfo)
 from .context import JobContext
-from .results import AblationResult, DataResult, FinalResult, JointResult
+from .results import AblationResult, DataResult, FinalResult, JointResult, PilotResult, ReferencesResult
 
 
 def _joint_info(joint: JointResult) -> JointInfo:
     front = set(joint.front)
-    rows = [CandidateRow(c.key, c.model, c.accuracy, c.gmacs, c.img_per_s, c.latency_ms, c.joules_per_img, c.error,
-                         c.key in front, c.key == joint.chosen.key) for c in joint.candidates()]
-    return JointInfo(joint.requirement, joint.requirement_met, joint.threshold, joint.baseline_val_top1,
-                     joint.baseline_warning, joint.objective, joint.schedules, joint.precisions, rows)
+    rows = [CandidateRow(c.key, c.model, c.accuracy, c.macro_f1, c.gmacs, c.img_per_s, c.latency_ms, c.joules_per_img,
+                         c.error, c.key in front, c.key == joint.chosen.key) for c in joint.candidates()]
+    return JointInfo(joint.metric, joint.requirement, joint.requirement_met, joint.requirement_source, joint.threshold,
+                     joint.baseline_val, joint.reference_val, joint.warning, joint.objective, joint.schedules,
+                     joint.precisions, rows)
+
+
+def verdicts(rows: list[AblationRecord], metric: str) -> list[str]:
+    """Plain statements where a reference beats the chosen ViT on both test accuracy and speed."""
+    chosen = next((r for r in rows if r.chosen), None)
+    if chosen is None:
+        return []
+    name = METRIC_NAMES[metric]
+
+    def value(r):
+        return r.macro_f1 if metric == "macro_f1" else r.accuracy
+
+    return [f"{r.name.replace(' (reference)', '')} is both more accurate ({100 * value(r):.2f} % vs "
+            f"{100 * value(chosen):.2f} % test {name}) and faster ({r.img_per_s:.0f} vs {chosen.img_per_s:.0f} img/s) "
+            f"than the chosen ViT configuration"
+            for r in rows if r.kind == "reference" and value(r) > value(chosen) and r.img_per_s > chosen.img_per_s]
 
 
 def build_summary(ctx: JobContext, results: dict[str, Any], wall_seconds: float | None = None) -> Summary:
-    """``results``: the typed result of every finished stage, by name (data, joint and final at least)."""
+    """``results``: the typed result of every finished stage, by name (data, references, pilot,
+    joint and final at least)."""
     c = ctx.config
     data: DataResult = results["data"]
+    references: ReferencesResult = results["references"]
+    pilot: PilotResult = results["pilot"]
     joint: JointResult = results["joint"]
     final: FinalResult = results["final"]
     ablation: AblationResult | None = results.get("ablation")
-    ch = joint.chosen
-    b = ctx.budget
+    ch, b = joint.chosen, ctx.budget
+    rows = ablation.rows if ablation else []
     return Summary(
         run=str(ctx.run.root),
         device=DeviceInfo(ctx.device.type, device_name(ctx.device), torch.get_num_threads(), torch.__version__,
@@ -39,8 +61,12 @@ def build_summary(ctx: JobContext, results: dict[str, Any], wall_seconds: float 
         objective=c.objective,
         joint=_joint_info(joint),
         chosen=ChosenInfo(ch.model, ch.arch, ch.tome, ch.precision, ch.r_per_layer, ch.params, ch.gmacs,
-                          final.checkpoint, final.val_top1, final.test),
-        ablation=ablation.rows if ablation else [],
+                          final.checkpoint, final.val, final.test),
+        references=[ReferenceInfo(m.label, m.name, m.checkpoint, m.epochs, m.seconds, m.budget_seconds, m.val_top1,
+                                  m.val_macro_f1) for m in references.models],
+        teaching=TeachingInfo(references.teacher_label, references.teacher, pilot.mode, pilot.reason),
+        verdicts=verdicts(rows, joint.metric),
+        ablation=rows,
         default_tome=ablation.default_tome if ablation else None,
         at_224=ablation.at_224 if ablation else None,
         deploy=results.get("export"),

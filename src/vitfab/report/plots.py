@@ -47,6 +47,11 @@ def _save(fig, path: Path) -> Path:
 
 
 AXIS_COLOURS = {0: "#444444", 1: "#1f77b4", 2: "#ff7f0e", 3: "#d62728"}
+REFERENCE_COLOUR = "#2ca02c"
+
+
+def row_colour(r: AblationRecord) -> str:
+    return REFERENCE_COLOUR if r.kind == "reference" else AXIS_COLOURS[len(r.axes)]
 
 
 OBJECTIVE_AXIS = {"throughput": ("img_per_s", "img/s"), "latency": ("latency_ms", "batch-1 latency, ms"),
@@ -79,11 +84,13 @@ def plot_pareto(candidates: Sequence[CandidateRow], rows: Sequence[AblationRecor
     a.legend(fontsize=8)
     for i, r in enumerate(sorted(rows, key=lambda r: r.img_per_s)):
         b.scatter([r.img_per_s], [100 * r.accuracy], s=140 if r.chosen else 50, marker="*" if r.chosen else "o",
-                  c=AXIS_COLOURS[len(r.axes)], zorder=3)
+                  c=row_colour(r), zorder=3)
         b.annotate(r.name, (r.img_per_s, 100 * r.accuracy), fontsize=7, rotation=30,
                    xytext=(4, 6 if i % 2 == 0 else -12), textcoords="offset points")
     for n, name in ((0, "baseline"), (1, "one axis"), (2, "two axes"), (3, "all three")):
         b.scatter([], [], c=AXIS_COLOURS[n], label=name)
+    if any(r.kind == "reference" for r in rows):
+        b.scatter([], [], c=REFERENCE_COLOUR, label="reference")
     if rows:
         _log_x(b, [r.img_per_s for r in rows])
     b.set_xlabel("img/s")
@@ -100,7 +107,7 @@ def plot_speedup(rows: Sequence[AblationRecord], path: Path) -> Path:
     names = [r.name + ("  (chosen)" if r.chosen else "") for r in rows]
     vals = [r.speedup or 0.0 for r in rows]
     y = np.arange(len(rows))[::-1]
-    ax.barh(y, vals, color=[AXIS_COLOURS[len(r.axes)] for r in rows])
+    ax.barh(y, vals, color=[row_colour(r) for r in rows])
     for yi, v in zip(y, vals):
         ax.text(v, yi, f" {v:.2f}x", va="center", fontsize=8)
     ax.set_yticks(y, names, fontsize=8)

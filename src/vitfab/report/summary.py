@@ -58,6 +58,7 @@ class AblationRecord:
     name: str
     axes: list[str]
     chosen: bool
+    kind: str  # baseline | ablation (the axes) | reference (a model a user would otherwise train)
     checkpoint: str
     tome: str | None
     precision: str
@@ -117,6 +118,7 @@ class CandidateRow:
     key: str
     model: str
     accuracy: float | None
+    macro_f1: float | None
     gmacs: float
     img_per_s: float | None
     latency_ms: float | None
@@ -128,15 +130,38 @@ class CandidateRow:
 
 @dataclass(frozen=True)
 class JointInfo:
+    metric: str  # top1, or macro_f1 on imbalanced data: what the requirement and the choice compare
     requirement: str
     requirement_met: bool
+    requirement_source: str  # the reference (label) or "baseline" the requirement is measured from
     threshold: float
-    baseline_val_top1: float
-    baseline_warning: str | None
+    baseline_val: float
+    reference_val: dict[str, float]
+    warning: str | None
     objective: str
     schedules: list[str | None]
     precisions: list[str]
     candidates: list[CandidateRow]
+
+
+@dataclass(frozen=True)
+class ReferenceInfo:
+    label: str
+    name: str  # timm name
+    checkpoint: str
+    epochs: int
+    seconds: float
+    budget_seconds: float | None  # what the budget gave it
+    val_top1: float
+    val_macro_f1: float
+
+
+@dataclass(frozen=True)
+class TeachingInfo:
+    teacher: str | None  # label of the teacher, or None
+    checkpoint: str | None
+    distill: str  # none | soft | hard
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -149,7 +174,7 @@ class ChosenInfo:
     params: int
     gmacs: float
     checkpoint: str
-    val_top1: float
+    val: float  # validation value of the run's selection metric (JointInfo.metric)
     test: TestMetrics
 
 
@@ -170,6 +195,9 @@ class Summary:
     objective: str
     joint: JointInfo
     chosen: ChosenInfo
+    references: list[ReferenceInfo]
+    teaching: TeachingInfo
+    verdicts: list[str]  # plain statements for the last lines: e.g. a reference more accurate and faster
     ablation: list[AblationRecord]
     default_tome: str | None
     at_224: At224 | None
@@ -190,6 +218,13 @@ class Summary:
     @property
     def chosen_row(self) -> AblationRecord | None:
         return next((r for r in self.ablation if r.chosen), None)
+
+    @property
+    def primary_speedup(self) -> float | None:
+        """The chosen model, with the weights it was tested with, at the size it was trained at,
+        against DeiT-B/16 fp32 at that size (the ablation's figure)."""
+        row = self.chosen_row
+        return None if row is None else row.speedup
 
     def to_dict(self) -> dict[str, Any]:
         return to_json(self)

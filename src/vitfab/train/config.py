@@ -19,6 +19,7 @@ from ..options import option, parse_key_values
 from ..rundir import resolve_weights
 from ..runtime import AMP_MODES
 from ..tome import Schedule
+from .sampling import BALANCE_MODES, SELECT_METRICS
 
 DISTILL_MODES = ("soft", "hard")
 
@@ -59,6 +60,13 @@ class TrainConfig(DataSettings):
     cutmix: float = option(0.0, help="CutMix alpha (DeiT: 1.0); 0 = off.")
     drop_path: float = option(0.1, help="Stochastic depth rate.")
     augment: bool = option(True, help="Random crops/flips/rotations in training (off: deterministic batches).")
+    balance: str = option("auto", help="Imbalanced classes: sampler (class-balanced sampling), weights (loss "
+                                       "re-weighting) or none; auto: sampler where the largest class has more "
+                                       "than 3x the images of the smallest.")
+    select_on: str = option("auto", help="The validation metric that picks the best epoch: top1, macro_f1, or "
+                                         "auto (macro_f1 where the classes are imbalanced, else top1).")
+    epoch_fraction: float = option(1.0, help="Share of the training images each epoch sees (fewer steps).")
+    time_limit: float | None = option(None, help="Stop after the epoch that passes this many seconds.")
     clip_grad: float | None = option(None, help="Clip the gradient norm to this value.")
     amp: str = option("auto", help="auto (bf16 on CPUs with native bf16, fp16 on CUDA), off, bf16, fp16.")
     accum_steps: int = option(1, help="Gradient accumulation steps.")
@@ -90,6 +98,11 @@ class TrainConfig(DataSettings):
             (self.distill in DISTILL_MODES, f"--distill must be one of {', '.join(DISTILL_MODES)}, got {self.distill}"),
             (0 <= self.distill_alpha <= 1, f"--distill-alpha must lie in [0, 1], got {self.distill_alpha}"),
             (self.distill_tau > 0, f"--distill-tau must be positive, got {self.distill_tau}"),
+            (self.balance in BALANCE_MODES, f"--balance must be one of {', '.join(BALANCE_MODES)}, got {self.balance}"),
+            (self.select_on in SELECT_METRICS,
+             f"--select-on must be one of {', '.join(SELECT_METRICS)}, got {self.select_on}"),
+            (0 < self.epoch_fraction <= 1, f"--epoch-fraction must lie in (0, 1], got {self.epoch_fraction}"),
+            (self.time_limit is None or self.time_limit > 0, "--time-limit must be positive"),
         ]
         for ok, msg in checks:
             if not ok:

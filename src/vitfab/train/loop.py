@@ -44,6 +44,7 @@ from ..runtime import (autocast, barrier, broadcast_object, default_workers, res
 from ..runtimes import load_model
 from ..tome import apply as apply_tome
 from .config import TrainConfig
+from .sampling import ShareSampler, balanced_weights, class_loss_weights, epoch_seed, warmup_cosine
 
 
 @dataclass
@@ -54,51 +55,16 @@ class TrainResult:
     test: dict[str, Any] | None
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_after: int | None = None  # the epoch count a time limit cut the run to
+    select_on: str = "top1"  # the validation metric that picked the best epoch
+    balance: str = "none"  # how class imbalance was countered
 
 
-class ShareSampler(torch.utils.data.Sampler):
-    """One seeded permutation per epoch, cut into global batches; under ``torchrun`` rank r takes
-    the r-th share of each (the incomplete last batch is then dropped). Averaged over ranks, the
-    gradients equal one process's on the global batch, so N processes train like one."""
-
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, generator: torch.Generator,
-                 drop_last: bool = True):
-        self.n, self.generator = n, generator
-        self.local_batch = max(1, global_batch // world)
-        self.global_batch = self.local_batch * world
-        self.rank, self.world, self.drop_last = rank, world, drop_last or world > 1
-
-    def __iter__(self):
-        # drawn when iteration starts, after the DataLoader took its base seed from the same
-        # generator: one process sees exactly what DataLoader(shuffle=True, generator=g) gives
-        perm = torch.randperm(self.n, generator=self.generator).tolist()
-        stop = self.n - self.global_batch + 1 if self.drop_last else self.n
-        for start in range(0, max(stop, 0), self.global_batch):
-            share = start + self.rank * self.local_batch
-            yield from perm[share:share + self.local_batch]
-
-    def __len__(self) -> int:
-        full, tail = divmod(self.n, self.global_batch)
-        if self.drop_last:
-            return full * self.local_batch
-        return full * self.local_batch + tail  # one process (world 1) keeps the tail
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 100_003 + epoch
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float):
-    """LR factor per optimizer step: linear warm-up, then cosine from ``base_lr`` to ``min_lr``."""
-    floor = min_lr / base_lr
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-    return factor
+def resolved_policy(config: TrainConfig, split: Split) -> tuple[str, str]:
+    """(the selection metric, the balancing) a run uses: ``auto`` follows the split's imbalance."""
+    select_on = split.selection_metric() if config.select_on == "auto" else config.select_on
+    balance = ("sampler" if split.imbalanced else "none") if config.balance == "auto" else config.balance
+    return select_on, balance
 
 
 def prepare_split(config: TrainConfig, progress: bool = True) -> Split:
@@ -113,7 +79,8 @@ def report_split(split: Split) -> str:
     lines = [f"{'class':<{width}}  train    val   test"]
     for c in split.classes:
         lines.append(f"{c:<{width}}  {counts['train'][c]:5d}  {counts['val'][c]:5d}  {counts['test'][c]:5d}")
-    lines.append(f"imbalance (largest/smallest class): {split.imbalance_ratio():.2f}")
+    lines.append(f"imbalance (largest/smallest class): {split.imbalance_ratio():.2f}"
+                 + (" -- imbalanced: checkpoints are chosen on macro-F1" if split.imbalanced else ""))
     return "\n".join(lines)
 
 
@@ -154,6 +121,10 @@ class Trainer:
         if self.world > 1 and (config.mixup or config.cutmix) and (config.batch_size // self.world) % 2:
             raise VitfabError(f"mixup/cutmix pair images within each process: --batch-size {config.batch_size} "
                               f"over {self.world} processes leaves an odd share")
+        self.select_on, self.balance = resolved_policy(config, split)
+        labels = [y for _, y in split.train]
+        self.sample_weights = balanced_weights(labels, len(split.classes)) if self.balance == "sampler" else None
+        self.class_weights = class_loss_weights(labels, len(split.classes)) if self.balance == "weights" else None
 
     # --- setup -------------------------------------------------------------------------
     def _train_loader(self, epoch: int) -> DataLoader:
@@ -164,8 +135,9 @@ class Trainer:
         batch = min(self.config.batch_size, len(ds))
         if mixing:  # mixup pairs images: it needs an even batch
             batch = max(2, batch - batch % 2)
-        drop_last = (mixing or len(ds) >= 4 * batch or self.world > 1) and len(ds) >= batch
-        sampler = ShareSampler(len(ds), batch, self.rank, self.world, g, drop_last)
+        count = max(batch, int(round(len(ds) * self.config.epoch_fraction)))
+        drop_last = (mixing or count >= 4 * batch or self.world > 1) and count >= batch
+        sampler = ShareSampler(len(ds), batch, self.rank, self.world, g, drop_last, self.sample_weights, count)
         return DataLoader(ds, batch_size=sampler.local_batch, sampler=sampler, generator=g,
                           num_workers=self.workers, pin_memory=self.device.type == "cuda", persistent_workers=False)
 
@@ -277,7 +249,8 @@ class Trainer:
         """Cross-entropy with label smoothing, or against mixed soft targets."""
         if self.mixup is not None:
             return torch.sum(-target * F.log_softmax(out, dim=-1), dim=-1).mean()
-        return F.cross_entropy(out, target, label_smoothing=self.config.label_smoothing)
+        weight = None if self.class_weights is None else self.class_weights.to(out.device)
+        return F.cross_entropy(out, target, weight=weight, label_smoothing=self.config.label_smoothing)
 
     def backward(self, loss: torch.Tensor, epoch: int) -> None:
         if not torch.isfinite(loss):
@@ -296,13 +269,21 @@ class Trainer:
         self.backward(loss, epoch)
         return loss, out
 
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's fp32 logits of a batch, computed once per batch (several subnets of a
+        sandwich step learn from the same ones)."""
+        if getattr(self, "_teacher_batch", None) is not x:
+            self.teacher.eval()  # a BatchNorm teacher must not update its statistics
+            with torch.no_grad(), autocast(self.device, self.amp):
+                self._teacher_out = self.teacher(x).float()
+            self._teacher_batch = x
+        return self._teacher_out
+
     def distill_loss(self, x: torch.Tensor, out: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         """DeiT's distillation through the class token: soft (KL to the teacher's tempered
         distribution, weight alpha) or hard (the teacher's argmax as a second label, half weight)."""
         c = self.config
-        with torch.no_grad(), autocast(self.device, self.amp):
-            t = self.teacher(x)
-        t = t.float()
+        t = self.teacher_logits(x)
         if c.distill == "hard":
             return 0.5 * loss + 0.5 * F.cross_entropy(out, t.argmax(dim=-1))
         tau = c.distill_tau
@@ -328,7 +309,7 @@ class Trainer:
 
     def _fit(self) -> TrainResult:
         c, run = self.config, self.run
-        t_start = time.perf_counter()
+        t_start, stopped = time.perf_counter(), None
         history = [r for r in run.read_metrics() if r.get("epoch", 0) < self.start_epoch]
         with make_progress(self.progress) as progress:
             for epoch in range(self.start_epoch, c.epochs):
@@ -344,7 +325,8 @@ class Trainer:
                     for key in ("escape_rate", "overkill_rate"):
                         if key in val:
                             record[f"val_{key}"] = val[key]
-                score = (val["top1"], val["macro_f1"]) if val is not None else (float(epoch), 0.0)
+                other = "top1" if self.select_on == "macro_f1" else "macro_f1"
+                score = (val[self.select_on], val[other]) if val is not None else (float(epoch), 0.0)
                 history.append(record)
                 improved = score > self.best
                 if improved:
@@ -357,13 +339,21 @@ class Trainer:
                     msg += f", val top-1 {100 * val['top1']:.1f}%, macro-F1 {val['macro_f1']:.3f}"
                 if self.rank == 0:
                     progress.console.print(msg)
+                late = c.time_limit is not None and time.perf_counter() - t_start >= c.time_limit
+                if late and epoch + 1 < c.epochs:
+                    stopped = epoch + 1
+                    if self.rank == 0:
+                        progress.console.print(f"time limit of {c.time_limit:.0f} s reached: stopping after epoch "
+                                               f"{stopped} of {c.epochs}")
+                    break
         seconds = time.perf_counter() - t_start
         best_val = next((r for r in history if r["epoch"] == self.best_epoch), {})
         test = self.test() if self.split.test and self.rank == 0 else None
         if self.rank == 0:
             run.set_status("done")
         barrier()
-        return TrainResult(run, self.best_epoch, best_val, test, seconds, history)
+        return TrainResult(run, self.best_epoch, best_val, test, seconds, history, stopped, self.select_on,
+                           self.balance)
 
     def save_epoch(self, record: dict[str, Any], improved: bool, val: dict[str, Any] | None) -> None:
         """Order matters for resume: metrics line, then best, then last (see module doc)."""
@@ -431,8 +421,10 @@ def train(
     check_config(config)
     split = split or prepare_split(config, progress and world()[0] == 0)
     model = build_model(config, split.classes)
+    select_on, balance = resolved_policy(config, split)
     run = start_run(out, "train", {"kind": "train", "status": "running", "train": config.to_dict(),
-                                   "lr": config.resolved_lr()}, split, describe(model))
+                                   "lr": config.resolved_lr(), "select_on": select_on, "balance": balance}, split,
+                    describe(model))
     trainer = Trainer(run, config, split, progress)
     trainer.setup(model)
     return trainer.fit()

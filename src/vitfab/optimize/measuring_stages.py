@@ -1,0 +1,187 @@
+"""The main job's measuring and choosing stages: the architecture search, the joint search and the
+choice, the export, the ablation and the report (see ``stages``)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from ..errors import VitfabError
+from ..evaluate.accuracy import METRIC_NAMES, validation_scores
+from ..export import export_deploy
+from ..files import write_json_atomic
+from ..measure.bench import BenchConfig, BenchOptions, benchmark
+from ..measure.speed import default_batch
+from ..models import BASELINE, create_model, read_meta, save_checkpoint
+from ..nas.search import EvolutionarySearch, Limits, SearchConfig
+from ..nas.train import load_supernet
+from ..precision import Precision, prepare_model
+from ..progress import console
+from ..records import to_json
+from ..report import write_report
+from ..report.summary import At224, DeployInfo, SpeedRow
+from ..runtimes import load_model
+from ..train.config import checkpoint_model_args
+from .ablation import AblationRow, ablation_rows, default_bits, measure_ablation
+from .budget import search_size
+from .context import JobContext
+from .joint import JointCandidate, choose, joint_front, joint_search
+from .results import (AblationResult, BaselineResult, DataResult, FinalResult, FinetuneResult, JointResult,
+                      ReferencesResult, ReportResult, SearchedArch, SearchStageResult, SupernetResult)
+from .summary import build_summary
+
+
+def stage_search(ctx: JobContext, data: DataResult, baseline: BaselineResult,
+                 supernet: SupernetResult) -> SearchStageResult:
+    c, scale, split = ctx.config, ctx.config.scale_settings, data.load_split()
+    net = load_supernet(supernet.run, ctx.device)
+    val = ctx.loader(split, "val", net.vitfab_meta.preprocess)
+    limits = Limits(max_params=baseline.params / c.min_reduction, max_gmacs=baseline.gmacs / c.min_reduction)
+    out, metric = ctx.run.stage_dir("search"), split.selection_metric()
+
+    def make():  # one candidate's accuracy pass, timed, sizes the search
+        mid = net.space.sample(random.Random(c.seed))
+        t0 = time.perf_counter()
+        EvolutionarySearch(net, val, ctx.device, limits, SearchConfig(), out, False, metric).accuracy(mid)
+        pop, gens = search_size(ctx.budget.share("search"), time.perf_counter() - t0, scale["population"],
+                                scale["generations"], ctx.budget)
+        return {"population": pop, "generations": gens}
+
+    p = ctx.plan("search", make)
+    pop, gens = p["population"], p["generations"]
+    cfg = SearchConfig(population=pop, generations=gens, parents=max(2, pop // 4), mutations=pop // 2,
+                       crossovers=pop // 2, seed=c.seed)
+    res = EvolutionarySearch(net, val, ctx.device, limits, cfg, out, ctx.progress, metric).run()
+    top = [SearchedArch(t.arch, t.accuracy, t.params, t.gmacs) for t in res.ranked[: c.top_k]]
+    return SearchStageResult(str(res.out), limits.describe(), pop, gens, res.evaluated, top)
+
+
+def _weak_requirement(value: float, classes: int, source: str, metric: str) -> str | None:
+    chance = 1 / classes
+    if value >= chance + 0.1 * (1 - chance):  # within a tenth of the way from chance to perfect
+        return None
+    warning = (f"the requirement comes from {source} at {100 * value:.1f} % validation {METRIC_NAMES[metric]}, "
+               f"close to chance ({100 * chance:.1f} %), so it is weak; give more --budget-minutes, "
+               f"--baseline-weights, or --min-accuracy")
+    console.print(f"[yellow]warning:[/yellow] {warning}")
+    return warning
+
+
+def _requirement_source(ctx: JobContext, baseline_val: float, ref_val: dict[str, float]) -> tuple[str, str, float]:
+    """(label, how the report names it, value) of what the requirement is measured from."""
+    how = ctx.config.requirement_from
+    if how == "baseline" or not ref_val:
+        return "baseline", "the DeiT-B/16 baseline", baseline_val
+    label = max(ref_val, key=ref_val.get) if how == "best" else next(
+        (k for k in ref_val if how.lower() == k.lower()), None)
+    if label is None:
+        raise VitfabError(f"--requirement-from {how}: no such reference (trained: {', '.join(ref_val)})")
+    return label, (f"the best reference ({label})" if how == "best" else f"the reference {label}"), ref_val[label]
+
+
+def stage_joint(ctx: JobContext, data: DataResult, baseline: BaselineResult, references: ReferencesResult,
+                finetune: FinetuneResult) -> JointResult:
+    c, split = ctx.config, data.load_split()
+    metric = split.selection_metric()
+    base_model = load_model(baseline.checkpoint)
+    val = ctx.loader(split, "val", base_model.vitfab_meta.preprocess)
+    fp32 = Precision.FP32
+
+    def val_of(model):
+        return validation_scores(prepare_model(model, fp32, ctx.device), val, ctx.device, fp32)[metric]
+
+    baseline_val = val_of(base_model)
+    ref_val = {m.label: val_of(load_model(m.checkpoint)) for m in references.models}
+    source, how, value = _requirement_source(ctx, baseline_val, ref_val)
+    threshold = c.requirement().threshold(value)
+    models = [(m.label, m.checkpoint, m.arch) for m in finetune.models]
+    modes = c.precision_modes(ctx.device)
+    cands = joint_search(models, c.tome_schedules(), modes, val, ctx.device, c.objective,
+                         batch_size=default_batch(ctx.device), progress=ctx.progress,
+                         min_repeat_seconds=min(0.25, c.measure_seconds or 0.25))
+    chosen, met = choose(cands, threshold, c.objective, metric)
+    warning = _weak_requirement(value, len(split.classes), how, metric)
+    front = joint_front(cands, c.objective, metric)
+    out = ctx.run.stage_dir("joint")
+    out.mkdir(exist_ok=True)
+    write_json_atomic(out / "candidates.json", [x.to_dict() for x in cands])
+    name = METRIC_NAMES[metric]
+    console.print(f"joint search: {len(cands)} configurations, {len(front)} on the Pareto front; chosen "
+                  f"{chosen.key} (val {name} {100 * chosen.score(metric):.2f} %, {chosen.img_per_s:.0f} img/s)"
+                  + ("" if met else f" -- NO candidate meets the requirement: the best on {name} is kept"))
+    return JointResult(metric, baseline_val, ref_val, source, warning, threshold,
+                       c.requirement().describe(value, how, name), met, c.objective, [m.value for m in modes],
+                       c.tome_schedules(), chosen, [x.key for x in front], str(out / "candidates.json"))
+
+
+def stage_export(ctx: JobContext, final: FinalResult) -> DeployInfo:
+    """The chosen model as deploy/ (safetensors, TorchScript, ONNX with ToMe inside), checked
+    against PyTorch fp32 in ONNX Runtime; where that fails the chosen checkpoint stands."""
+    try:
+        info = export_deploy(final.checkpoint, ctx.run.deploy)
+    except VitfabError as exc:
+        console.print(f"[yellow]warning:[/yellow] export failed: {exc}")
+        return DeployInfo(None, str(exc), {})
+    console.print("deploy/: " + ", ".join(f"{k} max |logit difference| {v:.1e}"
+                                          for k, v in info["parity_max_abs_diff"].items()))
+    return DeployInfo(str(ctx.run.deploy), None, info["parity_max_abs_diff"])
+
+
+def _speed_at_224(ctx: JobContext, chosen: JointCandidate, seconds: float, classes: list[str]) -> At224:
+    """The chosen architecture, schedule and precision at 224 px / patch 16 (random weights)
+    against DeiT-B/16 fp32: speed does not depend on the weights, accuracy is not claimed."""
+    arch = checkpoint_model_args(chosen.checkpoint)  # the architecture alone, not its weights
+    m = create_model(arch["model"], classes=classes, img_size=224, patch_size=16, **arch["model_args"])
+    folder = ctx.run.stage_dir("ablation") / "chosen-arch-224"
+    save_checkpoint(folder, m, {"note": "random weights; for speed only"})
+    cfgs = [BenchConfig(model=BASELINE, img_size=224, label="DeiT-B/16 fp32 @224"),
+            BenchConfig(checkpoint=str(folder), precision=chosen.precision, tome_r=chosen.tome,
+                        label=f"chosen @224 ({chosen.arch}, {chosen.tome or 'no ToMe'}, {chosen.precision})")]
+    opts = BenchOptions(device=str(ctx.device), repeats=3, min_repeat_seconds=seconds, latency_runs=10, energy=False)
+    ms = benchmark(cfgs, opts, progress=ctx.progress)
+    rows = [SpeedRow(x.label, x.params, round(x.gmacs, 4), round(x.img_per_s, 2), round(x.latency_ms["p50"], 3),
+                     x.batch_size) for x in ms]
+    return At224(rows, round(ms[1].img_per_s / ms[0].img_per_s, 2), round(ms[0].params / ms[1].params, 2),
+                 round(ms[0].macs / ms[1].macs, 2))
+
+
+def reference_rows(references: ReferencesResult, bits: str) -> list[AblationRow]:
+    """Each reference as it would run: fp32, and in the bit-width the ablation uses."""
+    rows = []
+    for m in references.models:
+        for p in dict.fromkeys(("fp32", bits)):
+            rows.append(AblationRow(f"{m.label}{'' if p == 'fp32' else ' ' + p} (reference)", ("reference",),
+                                    m.checkpoint, None, p, kind="reference"))
+    return rows
+
+
+def stage_ablation(ctx: JobContext, data: DataResult, baseline: BaselineResult, references: ReferencesResult,
+                   joint: JointResult, final: FinalResult) -> AblationResult:
+    c, split, chosen = ctx.config, data.load_split(), joint.chosen
+    schedules = c.tome_schedules()
+    default_tome = "macs=0.5" if "macs=0.5" in schedules else next((s for s in schedules if s), "macs=0.5")
+    subnet = final.subnet_checkpoint if chosen.tome else final.checkpoint
+    name = "DeiT-B/16 baseline" if c.baseline_model == BASELINE else f"{c.baseline_model} baseline"
+    modes = c.precision_modes(ctx.device)
+    rows = ablation_rows(baseline.checkpoint, subnet, final.checkpoint, chosen.tome, chosen.precision, modes,
+                         ctx.device, default_tome, name)
+    bits = chosen.precision if chosen.precision != "fp32" else default_bits(ctx.device, modes).value
+    rows += reference_rows(references, bits)
+    test = ctx.loader(split, "test", read_meta(final.checkpoint).preprocess)
+    share = ctx.budget.share("ablation")
+    repeats = 3 if share is not None else 5
+    if c.measure_seconds is not None:
+        seconds = c.measure_seconds
+    else:  # the throughput repeats take about half the stage's share
+        seconds = 1.0 if share is None else min(1.0, max(0.1, 0.5 * share / (len(rows) * repeats + 6)))
+    opts = BenchOptions(device=str(ctx.device), repeats=repeats, min_repeat_seconds=seconds,
+                        latency_runs=20 if share is not None else 50)
+    records = measure_ablation(rows, test, opts, c.good_class, progress=ctx.progress)
+    at224 = _speed_at_224(ctx, chosen, seconds, split.classes) if c.img_size != 224 and c.speed_at_224 else None
+    write_json_atomic(ctx.run.report_dir / "ablation.json", to_json(records))
+    return AblationResult(records, at224, default_tome)
+
+
+def stage_report(ctx: JobContext, **results) -> ReportResult:
+    files = write_report(ctx.run.root, build_summary(ctx, results))
+    return ReportResult([str(f) for f in files])
