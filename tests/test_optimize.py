@@ -231,6 +231,11 @@ def test_main_job_writes_the_evidence(job_run):
         if row["joules_per_img"] is None:
             assert row["energy_note"]  # null energy always comes with the reason
     assert sum(r["chosen"] for r in s["ablation"]) == 1
+    chosen_row = next(r for r in s["ablation"] if r["chosen"])
+    assert s["primary_speedup"] == chosen_row["speedup"]  # trained weights, trained size, vs DeiT-B/16 fp32
+    from vitfab.report.summary import Summary
+
+    assert Summary.load(out / "summary.json").to_dict() == s  # the report can be rendered from the file alone
     assert max(s["deploy"]["parity_max_abs_diff"].values()) <= 1e-3  # the chosen model in ONNX Runtime
     models = s["stage_results"]["finetune"]["models"]
     assert [m["label"] for m in models] == ["subnet-1"]

@@ -146,8 +146,9 @@ def stage_pilot(ctx: JobContext, data: DataResult, references: ReferencesResult)
         scores[mode] = res.best_val.get("val_macro_f1" if references.metric == "macro_f1" else "val_top1", 0.0)
     mode = max(PILOT_MODES, key=lambda m: (scores[m], -PILOT_MODES.index(m)))
     name = METRIC_NAMES[references.metric]
-    reason = (f"pilot: the smallest subnet, {plan['epochs'] * plan['fraction']:g} epoch(s) per mode, val {name} "
-              + ", ".join(f"{m} {100 * v:.1f} %" for m, v in scores.items()))
+    reason = (f"pilot: the smallest subnet, {plan['epochs'] * plan['fraction']:.2g} epoch(s) per mode, val {name} "
+              + ", ".join(f"{m} {100 * v:.1f} %" for m, v in scores.items())
+              + ("; a tie, so no evidence for distillation: none (the cheaper)" if len(set(scores.values())) == 1 else ""))
     console.print(f"distillation: {mode} ({reason})")
     return PilotResult(mode, reason, scores, "smallest subnet", plan["epochs"] * plan["fraction"])
 

@@ -15,7 +15,7 @@ from ..errors import VitfabError
 from ..files import read_json, write_json_atomic
 from ..records import RecordError, from_json, to_json
 
-SUMMARY_FORMAT = "vitfab-summary/1"
+SUMMARY_FORMAT = "vitfab-summary/2"  # 2: references, teaching, verdicts, primary_speedup
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ class Summary:
         return None if row is None else row.speedup
 
     def to_dict(self) -> dict[str, Any]:
-        return to_json(self)
+        return to_json(self) | {"primary_speedup": self.primary_speedup}  # derived: for readers of the JSON
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, self.to_dict())
@@ -237,6 +237,7 @@ class Summary:
         data = read_json(path)
         if data.get("format") != SUMMARY_FORMAT:
             raise VitfabError(f"{path}: summary format {data.get('format')!r}, this vitfab reads {SUMMARY_FORMAT}")
+        data.pop("primary_speedup", None)
         try:
             return from_json(cls, data)
         except RecordError as exc:
