@@ -80,6 +80,17 @@ def test_teacher_is_the_best_reference_on_validation():
     assert pick_teacher([], "top1").teacher is None
 
 
+def test_pilot_distils_only_beyond_the_noise_of_the_validation_split():
+    from vitfab.optimize.training_stages import pilot_choice
+
+    # 210 validation images: one image (0.48 points) is noise; the margin is max(1 point, 2 images)
+    assert pilot_choice({"none": 0.143, "soft": 0.148, "hard": 0.143}, 210) == ("none", 0.01)
+    assert pilot_choice({"none": 0.600, "soft": 0.567, "hard": 0.604}, 270)[0] == "none"
+    assert pilot_choice({"none": 0.192, "soft": 0.343, "hard": 0.294}, 394)[0] == "soft"
+    assert pilot_choice({"none": 0.50, "soft": 0.60, "hard": 0.60}, 100) == ("soft", 0.02)  # equals: the first
+    assert pilot_choice({"none": 0.50, "soft": 0.51, "hard": 0.515}, 100)[0] == "none"  # under 2 images
+
+
 def test_requirement():
     assert Requirement(max_drop=1.0).threshold(0.9) == pytest.approx(0.89)
     assert Requirement(min_accuracy=0.8, max_drop=None).threshold(0.9) == 0.8

@@ -163,3 +163,24 @@ def test_imbalanced_data_selects_on_macro_f1_and_balances(tmp_path, make_folder)
     assert resolved_policy(TrainConfig(data="x"), even) == ("top1", "none")
     skewed = make_split(scan_image_folder(data))
     assert resolved_policy(TrainConfig(data="x", balance="weights", select_on="top1"), skewed) == ("top1", "weights")
+
+
+def test_time_limit_stops_before_an_epoch_that_would_end_late(tmp_path, make_folder, monkeypatch):
+    """The stop rule on a fake clock: each epoch takes 10 s; a 25 s limit allows two (a third would
+    end at 30 s), and the cut is recorded."""
+    from vitfab.train import loop
+
+    data = make_folder({"a": 6, "b": 6}, size=32)
+    clock = {"t": 0.0}
+    real_epoch = loop.Trainer.train_one_epoch
+
+    def ten_seconds(self, epoch, progress):
+        clock["t"] += 10.0
+        return real_epoch(self, epoch, progress)
+
+    monkeypatch.setattr(loop.Trainer, "train_one_epoch", ten_seconds)
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock["t"])
+    for limit, want_epochs, want_stop in ((25.0, 2, 2), (30.0, 3, 3), (None, 4, None)):
+        cfg = TrainConfig(data=str(data), epochs=4, batch_size=4, amp="off", time_limit=limit, **TINY)
+        r = train(cfg, out=tmp_path / f"run-{limit}", progress=False)
+        assert len(r.history) == want_epochs and r.stopped_after == want_stop

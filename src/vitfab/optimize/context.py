@@ -76,7 +76,7 @@ class JobContext:
 
     def time_limit(self, seconds: float | None) -> float | None:
         """A training run's hard stop: its planned time and a margin (the plan is a probe's estimate)."""
-        return None if seconds is None else 1.15 * seconds + 5.0
+        return None if seconds is None else 1.1 * seconds + 2.0
 
     def train_stage(self, folder: Path, tc: TrainConfig, split: Split, supernet: bool = False) -> TrainResult:
         """Train into ``folder``, or continue it where an interrupted job left it."""

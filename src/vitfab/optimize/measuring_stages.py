@@ -79,6 +79,14 @@ def _requirement_source(ctx: JobContext, baseline_val: float, ref_val: dict[str,
     return label, (f"the best reference ({label})" if how == "best" else f"the reference {label}"), ref_val[label]
 
 
+def repeat_seconds(given: float | None, share: float | None, repeats: int, cap: float = 1.0) -> float:
+    """Seconds per timed repeat: ``--measure-seconds`` where given, else what makes the ``repeats``
+    take about 40 % of the stage's share (the rest is accuracy passes and loading), within [0.1, cap]."""
+    if given is not None:
+        return given
+    return cap if share is None else min(cap, max(0.1, 0.4 * share / max(repeats, 1)))
+
+
 def stage_joint(ctx: JobContext, data: DataResult, baseline: BaselineResult, references: ReferencesResult,
                 finetune: FinetuneResult) -> JointResult:
     c, split = ctx.config, data.load_split()
@@ -96,9 +104,10 @@ def stage_joint(ctx: JobContext, data: DataResult, baseline: BaselineResult, ref
     threshold = c.requirement().threshold(value)
     models = [(m.label, m.checkpoint, m.arch) for m in finetune.models]
     modes = c.precision_modes(ctx.device)
+    timed = len(models) * len(c.tome_schedules()) * len(modes) * 3  # three interleaved repeats each
     cands = joint_search(models, c.tome_schedules(), modes, val, ctx.device, c.objective,
                          batch_size=default_batch(ctx.device), progress=ctx.progress,
-                         min_repeat_seconds=min(0.25, c.measure_seconds or 0.25))
+                         min_repeat_seconds=repeat_seconds(c.measure_seconds, ctx.budget.share("joint"), timed, 0.5))
     chosen, met = choose(cands, threshold, c.objective, metric)
     warning = _weak_requirement(value, len(split.classes), how, metric)
     front = joint_front(cands, c.objective, metric)
@@ -170,10 +179,7 @@ def stage_ablation(ctx: JobContext, data: DataResult, baseline: BaselineResult, 
     test = ctx.loader(split, "test", read_meta(final.checkpoint).preprocess)
     share = ctx.budget.share("ablation")
     repeats = 3 if share is not None else 5
-    if c.measure_seconds is not None:
-        seconds = c.measure_seconds
-    else:  # the throughput repeats take about half the stage's share
-        seconds = 1.0 if share is None else min(1.0, max(0.1, 0.5 * share / (len(rows) * repeats + 6)))
+    seconds = repeat_seconds(c.measure_seconds, share, len(rows) * repeats + 6)
     opts = BenchOptions(device=str(ctx.device), repeats=repeats, min_repeat_seconds=seconds,
                         latency_runs=20 if share is not None else 50)
     records = measure_ablation(rows, test, opts, c.good_class, progress=ctx.progress)

@@ -42,10 +42,10 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("supernet", 2.0, stage_supernet, ("data", "references", "pilot"), SupernetResult),
     Stage("search", 0.4, stage_search, ("data", "baseline", "supernet"), SearchStageResult),
     Stage("finetune", 1.4, stage_finetune, ("data", "supernet", "search", "references", "pilot"), FinetuneResult),
-    Stage("joint", 1.0, stage_joint, ("data", "baseline", "references", "finetune"), JointResult),
+    Stage("joint", 0.4, stage_joint, ("data", "baseline", "references", "finetune"), JointResult),
     Stage("final", 0.7, stage_final, ("data", "finetune", "joint", "references", "pilot"), FinalResult),
     Stage("export", 0.15, stage_export, ("final",), ExportResult),
-    Stage("ablation", 1.2, stage_ablation, ("data", "baseline", "references", "joint", "final"), AblationResult),
+    Stage("ablation", 0.8, stage_ablation, ("data", "baseline", "references", "joint", "final"), AblationResult),
     Stage("report", 0.15, stage_report, ("data", "references", "pilot", "joint", "final", "export", "ablation"),
           ReportResult),
 )

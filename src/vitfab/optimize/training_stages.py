@@ -34,7 +34,7 @@ from .results import (BaselineResult, DataResult, FinalResult, FinetunedModel, F
 LABELS = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "deit_tiny_patch16_224": "DeiT-Tiny",
           "deit_small_patch16_224": "DeiT-S", "efficientnet_b0": "EfficientNet-B0",
           "mobilenetv3_large_100": "MobileNetV3-L"}
-PILOT_MODES = ("none", "soft", "hard")  # tried in this order; a tie keeps the earlier (no distillation first)
+PILOT_MODES = ("none", "soft", "hard")  # tried in this order; see pilot_choice
 
 
 def stage_data(ctx: JobContext) -> DataResult:
@@ -144,13 +144,21 @@ def stage_pilot(ctx: JobContext, data: DataResult, references: ReferencesResult)
         tc = _pilot_student(ctx, data.data, mode, teacher, plan["epochs"], plan["fraction"], ctx.time_limit(each))
         res = ctx.train_stage(ctx.run.stage_dir("pilot") / mode, tc, split)
         scores[mode] = res.best_val.get("val_macro_f1" if references.metric == "macro_f1" else "val_top1", 0.0)
-    mode = max(PILOT_MODES, key=lambda m: (scores[m], -PILOT_MODES.index(m)))
+    mode, margin = pilot_choice(scores, len(split.val))
     name = METRIC_NAMES[references.metric]
     reason = (f"pilot: the smallest subnet, {plan['epochs'] * plan['fraction']:.2g} epoch(s) per mode, val {name} "
               + ", ".join(f"{m} {100 * v:.1f} %" for m, v in scores.items())
-              + ("; a tie, so no evidence for distillation: none (the cheaper)" if len(set(scores.values())) == 1 else ""))
+              + f"; distillation only where it beats none by more than {100 * margin:.1f} points")
     console.print(f"distillation: {mode} ({reason})")
     return PilotResult(mode, reason, scores, "smallest subnet", plan["epochs"] * plan["fraction"])
+
+
+def pilot_choice(scores: dict[str, float], n_val: int) -> tuple[str, float]:
+    """(mode, margin): the best distillation mode only where it beats no distillation by more than
+    the noise of the validation split (two images, at least one point); else none, the cheaper."""
+    margin = max(0.01, 2 / max(n_val, 1))
+    best = max(PILOT_MODES[1:], key=lambda m: (scores[m], -PILOT_MODES.index(m)))
+    return (best if scores[best] - scores["none"] > margin else "none"), margin
 
 
 def _distill(pilot: PilotResult, references: ReferencesResult) -> dict:

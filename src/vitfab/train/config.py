@@ -66,7 +66,8 @@ class TrainConfig(DataSettings):
     select_on: str = option("auto", help="The validation metric that picks the best epoch: top1, macro_f1, or "
                                          "auto (macro_f1 where the classes are imbalanced, else top1).")
     epoch_fraction: float = option(1.0, help="Share of the training images each epoch sees (fewer steps).")
-    time_limit: float | None = option(None, help="Stop after the epoch that passes this many seconds.")
+    time_limit: float | None = option(None, help="Stop before an epoch that would end past this many seconds "
+                                                 "(at the mean epoch time so far).")
     clip_grad: float | None = option(None, help="Clip the gradient norm to this value.")
     amp: str = option("auto", help="auto (bf16 on CPUs with native bf16, fp16 on CUDA), off, bf16, fp16.")
     accum_steps: int = option(1, help="Gradient accumulation steps.")

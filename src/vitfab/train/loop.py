@@ -339,7 +339,9 @@ class Trainer:
                     msg += f", val top-1 {100 * val['top1']:.1f}%, macro-F1 {val['macro_f1']:.3f}"
                 if self.rank == 0:
                     progress.console.print(msg)
-                late = c.time_limit is not None and time.perf_counter() - t_start >= c.time_limit
+                elapsed = time.perf_counter() - t_start  # stop where the next epoch would end past the limit
+                late = c.time_limit is not None and elapsed * (epoch + 2 - self.start_epoch) / (
+                    epoch + 1 - self.start_epoch) > c.time_limit
                 if late and epoch + 1 < c.epochs:
                     stopped = epoch + 1
                     if self.rank == 0:
