@@ -47,15 +47,24 @@ def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(a, b, out=np.zeros_like(a, dtype=np.float64), where=b > 0)
 
 
-def macro_f1(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
-    """Mean F1 over the classes that occur in ``targets``."""
-    cm = confusion_matrix(np.asarray(targets, dtype=np.int64), np.asarray(preds, dtype=np.int64), num_classes)
+def _per_class(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, F1, support) per class of a confusion matrix (rows: true class)."""
     tp = np.diag(cm).astype(np.float64)
     support, predicted = cm.sum(axis=1).astype(np.float64), cm.sum(axis=0).astype(np.float64)
     precision, recall = _safe_div(tp, predicted), _safe_div(tp, support)
-    f1 = _safe_div(2 * precision * recall, precision + recall)
-    present = support > 0
+    return precision, recall, _safe_div(2 * precision * recall, precision + recall), support
+
+
+def _macro(f1: np.ndarray, support: np.ndarray) -> float:
+    present = support > 0  # macro-F1 over the classes that occur in the evaluated set
     return float(f1[present].mean()) if present.any() else 0.0
+
+
+def macro_f1(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
+    """Mean F1 over the classes that occur in ``targets``."""
+    cm = confusion_matrix(np.asarray(targets, dtype=np.int64), np.asarray(preds, dtype=np.int64), num_classes)
+    _, _, f1, support = _per_class(cm)
+    return _macro(f1, support)
 
 
 def classification_metrics(
@@ -71,17 +80,11 @@ def classification_metrics(
     n_cls = len(classes)
     preds = logits.argmax(axis=1)
     cm = confusion_matrix(targets, preds, n_cls)
-    tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1).astype(np.float64)
-    predicted = cm.sum(axis=0).astype(np.float64)
-    precision = _safe_div(tp, predicted)
-    recall = _safe_div(tp, support)
-    f1 = _safe_div(2 * precision * recall, precision + recall)
-    present = support > 0  # macro-F1 over the classes that occur in the evaluated set
+    precision, recall, f1, support = _per_class(cm)
     out: dict[str, Any] = {
         "n": int(len(targets)),
         "top1": float(np.mean(preds == targets)) if len(targets) else 0.0,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "macro_f1": _macro(f1, support),
         "per_class": {
             c: {
                 "precision": float(precision[i]),

@@ -130,13 +130,14 @@ def crossover(a: ArchConfig, b: ArchConfig, rng: random.Random) -> ArchConfig:
     return ArchConfig(embed, depth, tuple(heads), tuple(mlp))
 
 
-def pareto_front(cands: list[Candidate], cost: Callable[[Candidate], float]) -> list[Candidate]:
-    """Candidates no other candidate beats on both accuracy (higher) and cost (lower)."""
-    front, best_acc = [], -1.0
-    for c in sorted(cands, key=lambda c: (cost(c), -c.accuracy)):
-        if c.accuracy > best_acc:
+def pareto_front(cands: list[Candidate], cost: Callable[[Candidate], float],
+                 score: Callable[[Candidate], float] = lambda c: c.accuracy) -> list[Candidate]:
+    """Candidates no other candidate beats on both ``score`` (higher; default accuracy) and cost (lower)."""
+    front, best = [], -1.0
+    for c in sorted(cands, key=lambda c: (cost(c), -score(c))):
+        if score(c) > best:
             front.append(c)
-            best_acc = c.accuracy
+            best = score(c)
     return front
 
 

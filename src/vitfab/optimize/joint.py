@@ -11,7 +11,6 @@ the most accurate one, flagged.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -82,9 +81,9 @@ def usable(cands: Sequence[JointCandidate], objective: str, metric: str = "top1"
 
 def joint_front(cands: Sequence[JointCandidate], objective: str, metric: str = "top1") -> list[JointCandidate]:
     """Candidates that no other beats on both the validation metric and the objective."""
-    scored = [dataclasses.replace(c, accuracy=c.score(metric)) for c in usable(cands, objective, metric)]
-    keys = {c.key for c in pareto_front(scored, lambda c: -objective_value(c, objective))}
-    return [c for c in cands if c.key in keys]
+    keys = {c.key for c in pareto_front(usable(cands, objective, metric), lambda c: -objective_value(c, objective),
+                                        lambda c: c.score(metric))}
+    return [c for c in cands if c.key in keys]  # in the search's order
 
 
 def choose(cands: Sequence[JointCandidate], threshold: float, objective: str,

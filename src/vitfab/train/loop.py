@@ -345,8 +345,8 @@ class Trainer:
                 if late and epoch + 1 < c.epochs:
                     stopped = epoch + 1
                     if self.rank == 0:
-                        progress.console.print(f"time limit of {c.time_limit:.0f} s reached: stopping after epoch "
-                                               f"{stopped} of {c.epochs}")
+                        progress.console.print(f"time limit of {c.time_limit:.0f} s: the next epoch would end past "
+                                               f"it, stopping after epoch {stopped} of {c.epochs}")
                     break
         seconds = time.perf_counter() - t_start
         best_val = next((r for r in history if r["epoch"] == self.best_epoch), {})
