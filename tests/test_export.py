@@ -26,7 +26,7 @@ def deit(**kw):
     return create_model("deit_tiny_patch16_224", classes=CLASSES, img_size=32, patch_size=8, **kw).eval()
 
 
-def subnet():
+def subnet(embed="patch"):
     from vitfab.data.transforms import Preprocess
     from vitfab.models.arch import ArchConfig, SearchSpace
     from vitfab.models.meta import ModelMeta
@@ -35,13 +35,15 @@ def subnet():
 
     torch.manual_seed(0)
     space = SearchSpace.load("tiny", 32, 8)
-    net = Supernet(space, len(CLASSES), rel_pos=14)  # relative-position attention, as the released supernets
+    rel = 14 if embed == "patch" else 0  # relative-position attention, as the released supernets
+    net = Supernet(space, len(CLASSES), rel_pos=rel, embed=embed)
     net.vitfab_meta = ModelMeta("vitfab_supernet", {}, CLASSES, Preprocess(img_size=32, crop_pct=1.0))
     return extract_subnet(net, ArchConfig(192, 12, (3, 4) * 6, (3.5, 4.0) * 6)).eval()
 
 
 MODELS = {"vitfab-built deit_small-like": lambda: deit(embed_dim=96, num_heads=2, depth=4),
-          "DeiT-Tiny": deit, "extracted AutoFormer subnet": subnet}
+          "DeiT-Tiny": deit, "extracted AutoFormer subnet": subnet,
+          "conv-stem subnet": lambda: subnet("conv"), "shifted-patch subnet": lambda: subnet("spt")}
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -125,6 +125,32 @@ def test_extracted_subnet_is_a_plain_timm_vit_that_composes(tmp_path):
         assert torch.isfinite(prepare_model(loaded, "int8", "cpu")(x)).all()
 
 
+@pytest.mark.parametrize("embed", ["conv", "spt"])
+def test_small_data_embeddings_extract_with_parity_and_counts(embed, tmp_path):
+    """A conv-stem or shifted-patch supernet: every extracted subnet (stem BatchNorm statistics
+    included) reproduces the supernet's logits, through a checkpoint and with ToMe at r=0; the
+    analytic counts the search uses equal the measured ones."""
+    torch.manual_seed(0)
+    net = Supernet(SearchSpace.named("tiny", img_size=32, patch_size=8), 5, embed=embed)
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(8, 3, 32, 32) * 2 + 1)  # running statistics away from their initial values
+    net.eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for arch in (net.space.largest(), net.space.smallest(), net.space.sample(random.Random(1))):
+        model = load_model(save_checkpoint(tmp_path / arch.short()[:40], _extract(net, arch)))
+        assert type(model.patch_embed).__name__ == {"conv": "ConvStemEmbed", "spt": "ShiftedPatchEmbed"}[embed]
+        kw = {"embed": embed, "stem": net.stem}
+        assert count_params(model) == arch_params(arch, 5, 32, 8, **kw)
+        assert count_macs(model) == arch_macs(arch, 32, 8, num_classes=5, **kw)
+        assert count_macs(model) > arch_macs(arch, 32, 8, num_classes=5)  # the embedding is not a patch conv
+        net.set_arch(arch)
+        with torch.no_grad():
+            ref = net(x)
+            assert torch.allclose(model(x), ref, atol=1e-5)
+            assert torch.allclose(tome.apply(model, 0)(x), ref, atol=1e-5)
+
+
 def test_subnet_that_does_not_fit_is_refused():
     net = _supernet()
     with pytest.raises(SpaceError, match="embed 512 > supernet 256"):

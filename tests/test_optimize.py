@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from vitfab.cli import main
 from vitfab.errors import VitfabError
+from vitfab.models import create_model, save_checkpoint
 from vitfab.optimize import PIPELINE, Budget, JobConfig, JointCandidate, Requirement, ablation_rows, choose, joint_front
 from vitfab.optimize.budget import search_size
 
@@ -256,6 +258,13 @@ def test_main_job_writes_the_evidence(job_run):
     assert refs["best"] == best["label"] and refs["teacher"] == best["checkpoint"]
     taught = s["stage_results"]["pilot"]["mode"] != "none"
     assert all((m["teacher"] == best["checkpoint"]) == taught for m in models)  # the pilot's choice everywhere
+    pilot = s["stage_results"]["pilot"]
+    assert set(pilot["embed_scores"]) == {"patch", "conv", "spt"} and s["embed"] == pilot["embed"]
+    from vitfab.runtimes import load_model
+
+    stem = type(load_model(out / "chosen").patch_embed).__name__  # the pilot's embedding, down to the chosen model
+    assert stem == {"patch": "PatchEmbed", "conv": "ConvStemEmbed", "spt": "ShiftedPatchEmbed"}[s["embed"]]
+    assert s["starts"]["supernet"] == "random weights" and s["starts"]["ResNet-18"] == "random weights"
     assert {r["name"] for r in s["ablation"] if r["kind"] == "reference"} >= {"ResNet-18 (reference)",
                                                                              "DeiT-Tiny (reference)"}
     assert s["joint"]["requirement_source"] == refs["best"] and set(s["joint"]["reference_val"]) == {"ResNet-18",
@@ -265,6 +274,7 @@ def test_main_job_writes_the_evidence(job_run):
     md = (out / "report" / "report.md").read_text()
     html = (out / "report" / "report.html").read_text()
     assert s["device"]["name"] in md and "<table>" in html and 'src="pareto.png"' in html
+    assert f"Patch embedding of the supernet and its subnets: {s['embed']}" in md and "Starting weights:" in md
     for row in s["ablation"]:
         assert row["name"] in md and f"{100 * row['accuracy']:.2f}" in md
 
@@ -393,12 +403,38 @@ def test_main_job_fits_a_budget_and_says_what_it_cut(tmp_path):
     (["--references", "resnet18,no_such_net"], "--references"),  # found before any training
     (["--requirement-from", "vgg99"], "--requirement-from"),
     (["--teacher", "/nonexistent/teacher"], "--teacher"),
+    (["--embed", "hexagons"], "--embed"),
+    (["--supernet-init", "deit_smal_patch16_224"], "unknown timm model"),
+    (["--supernet-init", "deit_small_patch16_224=/nonexistent.safetensors"], "not found"),
+    (["--supernet-weights", "/nonexistent.pth"], "--supernet-weights"),
 ])
 def test_run_bad_input_is_one_line(args, msg, tmp_path, capsys):
     code = main(["run", "--out", str(tmp_path / "r"), "--no-progress", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error:") and msg.lower() in err.lower() and "\n" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_job_with_a_conv_stem_supernet_selected_from_a_pretrained_vit(tmp_path):
+    """--embed conv and --supernet-init FILE: the pilot is skipped for the embedding, the supernet
+    starts by weight selection (its checkpoint says so) and the chosen model has the conv stem."""
+    from vitfab.optimize import run_job
+    from vitfab.runtimes import load_model
+
+    torch.manual_seed(0)
+    src = create_model("vitfab_subnet", classes=list("abcdefg"), img_size=32, patch_size=8, embed_dim=256, depth=12,
+                       num_heads=4, mlp_ratio=4.0, embed="conv")
+    ck = save_checkpoint(tmp_path / "pretrained", src)
+    s = run_job(tiny_job(references="none", embed="conv", supernet_init=str(ck), tome_grid="none"),
+                out=tmp_path / "run", progress=False)
+    assert s.embed == "conv" and s.embed_reason == "set by --embed conv"
+    assert s.starts["supernet"] == f"weight selection from {ck}"
+    sup = json.loads((tmp_path / "run" / "state.json").read_text())["stages"]["supernet"]["result"]
+    from vitfab.models.checkpoint import read_meta
+
+    meta = read_meta(Path(sup["run"]) / "checkpoints" / "best" / "model.safetensors")
+    assert meta.extra["init"].startswith(f"weight selection from {ck}") and "identity, identity" in meta.extra["init"]
+    assert type(load_model(tmp_path / "run" / "chosen").patch_embed).__name__ == "ConvStemEmbed"
 
 
 def test_energy_objective_needs_a_counter(tmp_path, capsys, monkeypatch):
@@ -455,7 +491,7 @@ def test_stage_results_round_trip_through_state_json(job_run):
 
     out, _ = job_run
     state = json.loads((out / "state.json").read_text())
-    assert state["format"] == "vitfab-job-state/2" and [s.name for s in PIPELINE] == list(state["stages"])
+    assert state["format"] == "vitfab-job-state/3" and [s.name for s in PIPELINE] == list(state["stages"])
     for stage in PIPELINE:
         saved = state["stages"][stage.name]["result"]
         result = from_json(stage.result, saved)

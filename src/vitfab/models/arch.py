@@ -17,6 +17,7 @@ import yaml
 
 from ..errors import VitfabError
 from ..files import write_text_atomic
+from .embed import embed_counts
 
 
 class SpaceError(VitfabError):
@@ -210,12 +211,12 @@ class SearchSpace:
 
 
 def arch_params(arch: ArchConfig, num_classes: int, img_size: int, patch_size: int, head_dim: int = 64,
-                in_chans: int = 3) -> int:
-    """Parameters of the standalone model of ``arch`` (class token, learned position embedding,
-    qkv with bias, LayerNorms, class-token head)."""
+                in_chans: int = 3, embed: str = "patch", stem: list[int] | None = None) -> int:
+    """Parameters of the standalone model of ``arch`` (its embedding, class token, learned
+    position embedding, qkv with bias, LayerNorms, class-token head)."""
     e = arch.embed_dim
     n = (img_size // patch_size) ** 2 + 1
-    total = in_chans * patch_size * patch_size * e + e + e + n * e  # patch embed, cls, pos
+    total = embed_counts(embed, e, img_size, patch_size, stem, in_chans)[0] + e + n * e  # embedding, cls, pos
     for h, hid in zip(arch.num_heads, (arch.mlp_hidden(i) for i in range(arch.depth))):
         a = h * head_dim
         total += 2 * e + (e * 3 * a + 3 * a) + (a * e + e)  # norm1, qkv, proj
@@ -224,12 +225,11 @@ def arch_params(arch: ArchConfig, num_classes: int, img_size: int, patch_size: i
 
 
 def arch_macs(arch: ArchConfig, img_size: int, patch_size: int, head_dim: int = 64, num_classes: int = 0,
-              in_chans: int = 3) -> int:
+              in_chans: int = 3, embed: str = "patch", stem: list[int] | None = None) -> int:
     """Multiply-accumulates per image, by the same convention as ``measure.count_macs``."""
     e = arch.embed_dim
-    p = (img_size // patch_size) ** 2
-    n = p + 1
-    total = p * in_chans * patch_size * patch_size * e
+    n = (img_size // patch_size) ** 2 + 1
+    total = embed_counts(embed, e, img_size, patch_size, stem, in_chans)[1]
     for h, hid in zip(arch.num_heads, (arch.mlp_hidden(i) for i in range(arch.depth))):
         a = h * head_dim
         total += n * e * 3 * a + 2 * n * n * a + n * a * e + 2 * n * e * hid

@@ -16,6 +16,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from .arch import ArchConfig
+from .embed import check_embed, embed_layer
 from .relpos import RelPosAttention
 
 
@@ -28,7 +29,8 @@ def _per_block(value, depth: int, what: str) -> list:
 
 @register_model
 def vitfab_subnet(pretrained: bool = False, embed_dim: int = 192, depth: int = 12, num_heads=3, mlp_ratio=4.0,
-                  head_dim: int = 64, rel_pos: int = 0, ln_eps: float | None = None, pretrained_cfg=None,
+                  head_dim: int = 64, rel_pos: int = 0, ln_eps: float | None = None, embed: str = "patch",
+                  stem: list[int] | None = None, pretrained_cfg=None,
                   pretrained_cfg_overlay=None, cache_dir=None, **kwargs) -> VisionTransformer:
     if pretrained:
         raise ValueError("vitfab_subnet has no hub weights; extract one from a supernet (vitfab nas extract)")
@@ -37,6 +39,10 @@ def vitfab_subnet(pretrained: bool = False, embed_dim: int = 192, depth: int = 1
     kwargs.setdefault("qkv_bias", True)
     if ln_eps is not None:
         kwargs["norm_layer"] = partial(LayerNorm, eps=ln_eps)
+    layer = embed_layer(embed, stem)
+    if layer is not None:  # a small-data embedding (models.embed)
+        check_embed(embed, int(kwargs.get("patch_size", 16)))
+        kwargs["embed_layer"] = layer
     if kwargs.get("global_pool") == "avg":
         kwargs.setdefault("fc_norm", False)  # final norm before pooling, as the supernet does
     # built with one head (any embed dim divides by it), then each block gets its own attention and MLP

@@ -21,10 +21,13 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from .arch import ArchConfig, SearchSpace, SpaceError
+from .embed import check_embed, pre_embed, stem_channels
+from .factory import create_model
 from .relpos import grid_positions, relative_attention
 from .subnet import subnet_kwargs
 
 LN_EPS = 1e-6  # as timm's ViTs
+SUPERNET_NAME = "vitfab_supernet"  # the model name in a supernet checkpoint's meta
 
 
 QKV_LAYOUTS = ("blocked", "interleaved")
@@ -97,7 +100,8 @@ class SuperBlock(nn.Module):
 
 class Supernet(nn.Module):
     def __init__(self, space: SearchSpace, num_classes: int, drop_path_rate: float = 0.1,
-                 global_pool: str = "token", rel_pos: int = 0, qkv_layout: str = "blocked", ln_eps: float = LN_EPS):
+                 global_pool: str = "token", rel_pos: int = 0, qkv_layout: str = "blocked", ln_eps: float = LN_EPS,
+                 embed: str = "patch", stem: list[int] | None = None):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise SpaceError(f"global_pool must be token or avg, got {global_pool}")
@@ -107,7 +111,16 @@ class Supernet(nn.Module):
         self.rel_pos, self.qkv_layout, self.ln_eps = rel_pos, qkv_layout, ln_eps
         E, p = space.super_embed_dim, space.patch_size
         n = (space.img_size // p) ** 2
-        self.patch_embed = nn.Conv2d(3, E, p, p)
+        try:
+            check_embed(embed, p)
+        except ValueError as exc:
+            raise SpaceError(str(exc)) from None
+        self.embed, self.stem = embed, (list(stem) if stem else stem_channels(p, E)) if embed == "conv" else None
+        if embed == "patch":  # the embedding is one patch-sized convolution, sliced to the sampled dim
+            self.pre_embed, self.patch_embed = None, nn.Conv2d(3, E, p, p)
+        else:  # a small-data embedding (models.embed): shared part, then a projection sliced like the above
+            self.pre_embed, c, k = pre_embed(embed, p, E, self.stem)
+            self.patch_embed = nn.Conv2d(c, E, k, k)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, E))
         self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, E))
         dpr = torch.linspace(0, drop_path_rate, space.super_depth).tolist()
@@ -144,7 +157,9 @@ class Supernet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.arch
         e = a.embed_dim
-        x = F.conv2d(x, self.patch_embed.weight[:e], self.patch_embed.bias[:e], stride=self.space.patch_size)
+        if self.pre_embed is not None:
+            x = self.pre_embed(x)
+        x = F.conv2d(x, self.patch_embed.weight[:e], self.patch_embed.bias[:e], stride=self.patch_embed.stride)
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token[..., :e].expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed[..., :e]
         for i in range(a.depth):
@@ -160,7 +175,73 @@ class Supernet(nn.Module):
             kw["rel_pos"] = self.rel_pos
         if self.ln_eps != LN_EPS:
             kw["ln_eps"] = self.ln_eps
+        if self.embed != "patch":
+            kw["embed"] = self.embed
+        if self.stem:
+            kw["stem"] = list(self.stem)
         return kw
+
+    def meta_kwargs(self) -> dict:
+        """What rebuilds this supernet (``Supernet.from_kwargs``): recorded in its checkpoints."""
+        kw = {"space": self.space.to_dict(), "num_classes": self.num_classes, "global_pool": self.global_pool}
+        if self.rel_pos:
+            kw |= {"rel_pos": self.rel_pos, "qkv_layout": self.qkv_layout}
+        if self.ln_eps != LN_EPS:
+            kw["ln_eps"] = self.ln_eps
+        if self.embed != "patch":
+            kw |= {"embed": self.embed, "stem": self.stem}
+        return kw
+
+    @classmethod
+    def from_kwargs(cls, k: dict, drop_path_rate: float = 0.0, **overrides) -> "Supernet":
+        """The supernet ``meta_kwargs`` describe (``overrides``: space, num_classes, ...)."""
+        k = dict(k) | overrides
+        space = k["space"] if isinstance(k["space"], SearchSpace) else SearchSpace.from_dict(k["space"])
+        return cls(space, int(k["num_classes"]), drop_path_rate=drop_path_rate, global_pool=k.get("global_pool", "token"),
+                   rel_pos=int(k.get("rel_pos", 0)), qkv_layout=k.get("qkv_layout", "blocked"),
+                   ln_eps=float(k.get("ln_eps", LN_EPS)), embed=k.get("embed", "patch"), stem=k.get("stem"))
+
+    def subnet_model(self, arch: ArchConfig, classes: list[str] | None = None):
+        """The standalone timm model of ``arch`` (``vitfab_subnet``) with this supernet's weights."""
+        model = create_model("vitfab_subnet", classes=classes, num_classes=None if classes else self.num_classes,
+                             img_size=self.space.img_size, patch_size=self.space.patch_size,
+                             **self.subnet_kwargs(arch))
+        model.load_state_dict(self.subnet_state_dict(arch))
+        return model
+
+    def load_leading(self, state: dict[str, torch.Tensor]) -> int:
+        """Copy a timm ViT's state dict (timm names; head width ``head_dim``) into the leading
+        slices (the inverse of ``subnet_state_dict``); a head for another class count and a position
+        embedding for another grid are skipped. Returns how many tensors were copied."""
+        hd, own, copied = self.space.head_dim, self.state_dict(), 0
+        renames = {"patch_embed.proj.": "patch_embed.", "patch_embed.pre.": "pre_embed.", "mlp.fc1.": "fc1.",
+                   "mlp.fc2.": "fc2."}
+        with torch.no_grad():
+            for name, value in state.items():
+                if name.startswith("head.") and value.shape[0] != own["head.weight"].shape[0]:
+                    continue
+                if name == "pos_embed" and value.shape[1] != own["pos_embed"].shape[1]:
+                    continue
+                mapped = name
+                for a, b in renames.items():
+                    mapped = mapped.replace(a, b)
+                if mapped not in own:
+                    continue
+                target = own[mapped]
+                if mapped.endswith("attn.qkv.weight"):  # (3*h*64, e) -> (3, H, 64, E) slices
+                    h = value.shape[0] // (3 * hd)
+                    target.view(3, -1, hd, target.shape[1])[:, :h, :, : value.shape[1]] = value.view(3, h, hd, -1)
+                elif mapped.endswith("attn.qkv.bias"):
+                    h = value.shape[0] // (3 * hd)
+                    target.view(3, -1, hd)[:, :h] = value.view(3, h, hd)
+                elif value.dim() != target.dim() or any(v > t for v, t in zip(value.shape, target.shape)):
+                    raise SpaceError(f"{name} {tuple(value.shape)} does not fit the supernet's {tuple(target.shape)}")
+                elif value.dim() == 0:
+                    target.copy_(value)
+                else:
+                    target[tuple(slice(0, n) for n in value.shape)] = value
+                copied += 1
+        return copied
 
     def subnet_state_dict(self, arch: ArchConfig) -> dict[str, torch.Tensor]:
         """The weights of ``arch`` under the names of the standalone timm model (vitfab_subnet)."""
@@ -172,6 +253,8 @@ class Supernet(nn.Module):
         sd["pos_embed"] = self.pos_embed[..., :e]
         sd["patch_embed.proj.weight"] = self.patch_embed.weight[:e]
         sd["patch_embed.proj.bias"] = self.patch_embed.bias[:e]
+        if self.pre_embed is not None:  # shared whole (buffers too: the stem's BatchNorm statistics)
+            sd |= {f"patch_embed.pre.{k}": v for k, v in self.pre_embed.state_dict().items()}
         for i in range(arch.depth):
             blk, h, hid, a = self.blocks[i], arch.num_heads[i], arch.mlp_hidden(i), arch.num_heads[i] * self.space.head_dim
             pre = f"blocks.{i}."

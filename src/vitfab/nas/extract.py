@@ -12,7 +12,6 @@ from timm.models.vision_transformer import VisionTransformer
 from ..errors import VitfabError
 from ..models.arch import ArchConfig, load_arch
 from ..models.checkpoint import save_checkpoint
-from ..models.factory import create_model
 from ..models.supernet import Supernet
 from ..options import option
 from .official import PUBLISHED, load_official_autoformer, published_arch
@@ -21,10 +20,7 @@ from .train import load_supernet
 
 def extract_subnet(supernet: Supernet, arch: ArchConfig) -> VisionTransformer:
     """The subnet ``arch`` with the supernet's weights, in eval mode, with ``vitfab_meta``."""
-    space = supernet.space
-    model = create_model("vitfab_subnet", classes=list(supernet.vitfab_meta.classes), img_size=space.img_size,
-                         patch_size=space.patch_size, **supernet.subnet_kwargs(arch))
-    model.load_state_dict(supernet.subnet_state_dict(arch))
+    model = supernet.subnet_model(arch, list(supernet.vitfab_meta.classes))
     model.vitfab_meta.preprocess = copy.deepcopy(supernet.vitfab_meta.preprocess)
     return model.eval()
 

@@ -28,8 +28,7 @@ from ..errors import CheckpointError
 from ..models.arch import SearchSpace, load_arch
 from ..models.factory import default_class_names
 from ..models.meta import ModelMeta
-from ..models.supernet import Supernet
-from .train import SUPERNET_NAME
+from ..models.supernet import SUPERNET_NAME, Supernet
 
 CONFIGS = Path(__file__).parent / "configs"
 PUBLISHED = {"T": CONFIGS / "AutoFormer-T.yaml", "S": CONFIGS / "AutoFormer-S.yaml", "B": CONFIGS / "AutoFormer-B.yaml"}
@@ -95,8 +94,7 @@ def load_official_autoformer(path: str | Path, space: str | Path = "tiny") -> Su
     classes = default_class_names(net.num_classes)
     net.vitfab_meta = ModelMeta(
         name=SUPERNET_NAME,
-        kwargs={"space": sp.to_dict(), "num_classes": net.num_classes, "global_pool": "avg", "rel_pos": MAX_REL,
-                "qkv_layout": "interleaved", "ln_eps": LN_EPS},
+        kwargs=net.meta_kwargs(),
         classes=classes, preprocess=Preprocess(img_size=sp.img_size, crop_pct=0.875),
         extra={"source": str(path)},
     )

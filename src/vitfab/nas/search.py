@@ -173,9 +173,9 @@ class EvolutionarySearch:
 
     # ------------------------------------------------------------------ costs and scores
     def costs(self, arch: ArchConfig) -> tuple[int, float]:
-        s = self.space
-        return (arch_params(arch, self.num_classes, s.img_size, s.patch_size, s.head_dim),
-                arch_macs(arch, s.img_size, s.patch_size, s.head_dim, self.num_classes) / 1e9)
+        s, emb = self.space, {"embed": self.net.embed, "stem": self.net.stem}
+        return (arch_params(arch, self.num_classes, s.img_size, s.patch_size, s.head_dim, **emb),
+                arch_macs(arch, s.img_size, s.patch_size, s.head_dim, self.num_classes, **emb) / 1e9)
 
     def latency_ms(self, arch: ArchConfig) -> float:
         """Median batch-1 latency of the extracted subnet on the device, measured once and cached."""

@@ -11,6 +11,7 @@ distillation).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,17 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from ..data.transforms import Preprocess
 from ..errors import VitfabError
-from ..models.arch import ArchConfig, SearchSpace
+from ..models.arch import ArchConfig, SearchSpace, SpaceError
 from ..models.checkpoint import read_meta
+from ..models.embed import EMBEDS
 from ..models.meta import ModelMeta
-from ..models.supernet import Supernet
+from ..models.factory import create_model
+from ..models.selection import EXTRA_BLOCKS, Selection, select_into
+from ..models.supernet import SUPERNET_NAME, Supernet
 from ..models.weights import read_state_dict
 from ..options import option
 from ..progress import console
@@ -33,8 +38,7 @@ from ..runtime import autocast, resolve_amp, resolve_device, seeded, world
 from ..runtimes import load_model
 from ..train.config import TrainConfig
 from ..train.loop import Trainer, TrainResult, epoch_seed, prepare_split, resume_run, start_run
-
-SUPERNET_NAME = "vitfab_supernet"
+from .official import load_official_autoformer
 
 
 @dataclass
@@ -47,12 +51,29 @@ class SupernetConfig(TrainConfig):
     sandwich: bool = option(False, help="Largest + smallest + random subnets per step, in-place distillation.")
     num_random: int = option(2, help="Random subnets per sandwich step.")
     global_pool: str = option("token", help="token (class token) or avg.")
+    embed: str = option("patch", help="Patch embedding: patch (one stride-p convolution), conv (a convolutional "
+                                      "stem, Xiao et al. 2021) or spt (shifted patch tokens, Lee et al. 2021); "
+                                      "subnets inherit it.")
     init_from: str | None = option(None, help="A trained vitfab checkpoint copied into the leading slices.")
+    supernet_weights: str | None = option(None, help="Start from a trained supernet: a vitfab supernet checkpoint or "
+                                                     "a file the AutoFormer authors released (in --space).")
+    supernet_init: str | None = option(None, help="Start by weight selection from a pretrained ViT: a timm name "
+                                                  "(hub weights), NAME=FILE (local weights) or a vitfab checkpoint.")
+    extra_blocks: str = option("identity", help="With --supernet-init, blocks beyond the source's depth: identity "
+                                                "(zeroed residual outputs) or repeat (a copy of the last block).")
 
     def validate(self) -> None:
         super().validate()
         if self.num_random < 0:
             raise VitfabError(f"--num-random must be >= 0, got {self.num_random}")
+        if self.embed not in EMBEDS:
+            raise VitfabError(f"--embed must be one of {', '.join(EMBEDS)}, got '{self.embed}'")
+        if self.extra_blocks not in EXTRA_BLOCKS:
+            raise VitfabError(f"--extra-blocks must be one of {', '.join(EXTRA_BLOCKS)}, got '{self.extra_blocks}'")
+        starts = [f for f in ("init_from", "supernet_weights", "supernet_init") if getattr(self, f)]
+        if len(starts) > 1:
+            raise VitfabError("give one start for the supernet: " + " or ".join("--" + f.replace("_", "-")
+                                                                               for f in starts))
 
     def search_space(self) -> SearchSpace:
         return SearchSpace.load(self.space, self.img_size, self.patch_size)
@@ -64,18 +85,36 @@ def step_rng(seed: int, epoch: int, step: int) -> random.Random:
 
 def build_supernet(config: SupernetConfig, classes: list[str], with_weights: bool = True) -> Supernet:
     """The supernet of a run; its initial weights depend on ``config.seed`` alone (the caller's
-    random state is left as it was)."""
+    random state is left as it was), then on the one start it is given: ``supernet_weights`` (a
+    trained supernet, the authors' or vitfab's), ``supernet_init`` (weight selection from a
+    pretrained ViT) or ``init_from`` (a ViT copied into the leading slices). What it started from
+    is ``net.vitfab_meta.extra["init"]``."""
     space = config.search_space()
+    source = load_supernet_file(config.supernet_weights, config.space) if with_weights and config.supernet_weights \
+        else None
     with seeded(config.seed):
-        net = Supernet(space, len(classes), drop_path_rate=config.drop_path, global_pool=config.global_pool)
-    net.vitfab_meta = ModelMeta(
-        name=SUPERNET_NAME,
-        kwargs={"space": space.to_dict(), "num_classes": len(classes), "global_pool": config.global_pool},
-        classes=list(classes), preprocess=Preprocess(img_size=space.img_size, crop_pct=1.0),
-    )
-    if with_weights and config.init_from:
+        if source is not None:  # the file's kind of supernet (relative position, pooling, ...) at this run's size
+            space = dataclasses.replace(source.space, img_size=space.img_size, patch_size=space.patch_size)
+            net = Supernet.from_kwargs(source.meta_kwargs(), config.drop_path, space=space, num_classes=len(classes))
+        else:
+            net = Supernet(space, len(classes), drop_path_rate=config.drop_path, global_pool=config.global_pool,
+                           embed=config.embed)
+    net.vitfab_meta = ModelMeta(name=SUPERNET_NAME, kwargs=net.meta_kwargs(), classes=list(classes),
+                                preprocess=Preprocess(img_size=space.img_size, crop_pct=1.0))
+    init = "random (trained from scratch)"
+    if source is not None:
+        copied = load_trained_supernet(net, source)
+        init = f"the trained supernet {config.supernet_weights} ({copied} tensors)"
+    elif with_weights and config.supernet_init:
+        model, what = load_init_source(config.supernet_init)
+        sel = select_into_supernet(net, model, config.extra_blocks)
+        init = f"weight selection from {what}: {sel.describe()}"
+    elif with_weights and config.init_from:
         copied = init_from_model(net, config.init_from)
-        console.print(f"supernet initialised from {config.init_from}: {copied} tensors copied into leading slices")
+        init = f"{config.init_from} copied into the leading slices ({copied} tensors)"
+    net.vitfab_meta.extra["init"] = init
+    if with_weights:
+        console.print(f"supernet start: {init}")
     return net
 
 
@@ -85,56 +124,76 @@ def load_supernet(path: str | Path, device: str | torch.device = "cpu") -> Super
     meta = read_meta(weights)
     if meta.name != SUPERNET_NAME:
         raise VitfabError(f"{path} holds a {meta.name}, not a supernet (train one with `vitfab nas train`)")
-    k = meta.kwargs
-    net = Supernet(SearchSpace.from_dict(k["space"]), int(k["num_classes"]), drop_path_rate=0.0,
-                   global_pool=k.get("global_pool", "token"), rel_pos=int(k.get("rel_pos", 0)),
-                   qkv_layout=k.get("qkv_layout", "blocked"), ln_eps=float(k.get("ln_eps", 1e-6)))
+    net = Supernet.from_kwargs(meta.kwargs)
     net.load_state_dict(read_state_dict(weights))
     net.vitfab_meta = meta
     return net.to(device).eval()
+
+
+def load_supernet_file(path: str | Path, space: str = "tiny") -> Supernet:
+    """A trained supernet: a vitfab run folder or checkpoint, or a file the AutoFormer authors
+    released (read as ``nas extract --official-checkpoint`` reads it, in the ``space`` given)."""
+    path = Path(path)
+    if not path.exists():
+        raise VitfabError(f"--supernet-weights not found: {path}")
+    if path.is_file() and path.suffix != ".safetensors":  # the authors' torch pickle
+        return load_official_autoformer(path, space)
+    return load_supernet(path)
+
+
+def load_trained_supernet(net: Supernet, source: Supernet) -> int:
+    """``source``'s weights into ``net`` (the same space and kind of supernet, built for this run's
+    classes and size): the position embedding resampled to the grid, the patch embedding to the
+    patch (timm's rules), the head kept at its initialisation for another class count."""
+    src, own = source.state_dict(), net.state_dict()
+    grid, old = net.space.img_size // net.space.patch_size, source.space.img_size // source.space.patch_size
+    with torch.no_grad():
+        if grid != old:
+            src["pos_embed"] = resample_abs_pos_embed(src["pos_embed"], (grid, grid), (old, old), num_prefix_tokens=1)
+        if net.pre_embed is None and src["patch_embed.weight"].shape != own["patch_embed.weight"].shape:
+            src["patch_embed.weight"] = resample_patch_embed(src["patch_embed.weight"], [net.space.patch_size] * 2)
+        if src["head.weight"].shape != own["head.weight"].shape:
+            src["head.weight"], src["head.bias"] = own["head.weight"], own["head.bias"]
+    wrong = sorted(k for k in own if k not in src or src[k].shape != own[k].shape)
+    if wrong:
+        raise VitfabError(f"--supernet-weights does not fit this supernet at {', '.join(wrong[:3])}")
+    net.load_state_dict(src)
+    return len(own)
+
+
+def load_init_source(spec: str) -> tuple[torch.nn.Module, str]:
+    """``--supernet-init``: a timm ViT name (hub weights), ``NAME=FILE`` (that model with a local
+    weights file), or a vitfab checkpoint / run folder. Returns the model and how it was found."""
+    name, _, file = spec.partition("=")
+    if file:
+        return create_model(name, weights=file), f"{name} ({file})"
+    if Path(spec).exists():
+        return load_model(spec), spec
+    return create_model(spec, pretrained=True), f"{spec} (hub weights)"
+
+
+def select_into_supernet(net: Supernet, source: torch.nn.Module, extra: str = "identity") -> Selection:
+    """Weight selection from ``source`` into the space's largest subnet, written into ``net``."""
+    largest = net.space.largest()
+    target = net.subnet_model(largest)
+    sel = select_into(source, target, extra)
+    net.load_leading(sel.state_dict)
+    return sel
 
 
 def init_from_model(net: Supernet, path: str | Path) -> int:
     """Copy a trained timm ViT (vitfab checkpoint) into the leading slices of the supernet where
     the shapes allow (same patch grid, head width 64); returns how many tensors were copied."""
     model = load_model(path)
-    hd, copied = net.space.head_dim, 0
+    hd = net.space.head_dim
     heads = {blk.attn.head_dim for blk in model.blocks}
     if heads != {hd} or model.patch_embed.patch_size[0] != net.space.patch_size:
         raise VitfabError(f"--init-from needs head width {hd} and patch {net.space.patch_size}; {path} has head "
                           f"width {sorted(heads)} and patch {model.patch_embed.patch_size[0]}")
-    src, own = model.state_dict(), net.state_dict()
-
-    def put(name: str, value: torch.Tensor) -> None:
-        nonlocal copied
-        target = own[name]
-        if value.dim() != target.dim() or any(v > t for v, t in zip(value.shape, target.shape)):
-            raise VitfabError(f"--init-from: {name} {tuple(value.shape)} does not fit the supernet's "
-                              f"{tuple(target.shape)}")
-        target[tuple(slice(0, n) for n in value.shape)] = value
-        copied += 1
-
-    renames = {"patch_embed.proj.": "patch_embed.", "mlp.fc1.": "fc1.", "mlp.fc2.": "fc2."}
-    with torch.no_grad():
-        for name, value in src.items():
-            if name.startswith("head.") and value.shape[0] != own["head.weight"].shape[0]:
-                continue
-            if name == "pos_embed" and value.shape[1] != own["pos_embed"].shape[1]:
-                continue
-            mapped = name
-            for a, b in renames.items():
-                mapped = mapped.replace(a, b)
-            if mapped.endswith("attn.qkv.weight") and mapped in own:  # (3*h*64, e) -> (3, H, 64, E) slices
-                h = value.shape[0] // (3 * hd)
-                own[mapped].view(3, -1, hd, own[mapped].shape[1])[:, :h, :, : value.shape[1]] = value.view(3, h, hd, -1)
-                copied += 1
-            elif mapped.endswith("attn.qkv.bias") and mapped in own:
-                h = value.shape[0] // (3 * hd)
-                own[mapped].view(3, -1, hd)[:, :h] = value.view(3, h, hd)
-                copied += 1
-            elif mapped in own:
-                put(mapped, value)
-    return copied
+    try:
+        return net.load_leading(model.state_dict())
+    except SpaceError as exc:
+        raise VitfabError(f"--init-from: {exc}") from None
 
 
 class SupernetTrainer(Trainer):
@@ -191,6 +250,11 @@ def check_supernet_config(config: SupernetConfig) -> SearchSpace:
     resolve_amp(config.amp, resolve_device(config.device))
     if config.init_from and not Path(config.init_from).exists():  # a new run only: resume has the weights
         raise VitfabError(f"--init-from not found: {config.init_from}")
+    if config.supernet_weights and not Path(config.supernet_weights).exists():
+        raise VitfabError(f"--supernet-weights not found: {config.supernet_weights}")
+    file = (config.supernet_init or "").partition("=")[2]
+    if file and not Path(file).is_file():
+        raise VitfabError(f"--supernet-init: weights file not found: {file}")
     return config.search_space()
 
 

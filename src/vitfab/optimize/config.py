@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +13,8 @@ import torch
 from ..data.split import DataSettings
 from ..errors import VitfabError
 from ..models import BASELINE
+from ..models.embed import EMBEDS
+from ..models.factory import check_model_name
 from ..options import option
 from ..precision import Precision, parse_precision, useful_precisions, with_reference
 from ..runtime import resolve_device
@@ -34,6 +37,10 @@ SCALES: dict[str, dict[str, Any]] = {
 SCALE_FIELDS = ("img_size", "patch_size", "batch_size", "reference_epochs", "pilot_epochs", "baseline_epochs",
                 "supernet_epochs", "finetune_epochs", "final_epochs", "top_k")
 DISTILL = ("auto", "none", "soft", "hard")
+JOB_EMBEDS = ("auto",) + EMBEDS
+# --scale full: the pretrained ViT each named space's supernet is selected from (the smallest DeiT
+# at least as wide as the space's largest subnet in every dimension)
+INIT_SOURCES = {"tiny": "deit_small_patch16_224", "small": "deit_base_patch16_224", "base": "deit_base_patch16_224"}
 REFERENCE_SHARE = 0.15  # of the budget, at least, for each reference
 
 
@@ -92,6 +99,15 @@ class JobConfig(DataSettings):
     teacher: str | None = option(None, help="Distil from this trained vitfab checkpoint instead of the best reference.")
     distill: str = option("auto", help="Distillation from the teacher in supernet training and every fine-tune: "
                                        "soft, hard, none, or auto (a short pilot on a slice of the budget picks one).")
+    embed: str = option("auto", help="Patch embedding of the supernet and its subnets: patch, conv (a convolutional "
+                                     "stem), spt (shifted patch tokens), or auto (the pilot tries each; another than "
+                                     "patch only where it beats patch by more than the validation noise).")
+    supernet_weights: str | None = option(None, help="Start the supernet from a trained one: a vitfab supernet "
+                                                     "checkpoint or a file the AutoFormer authors released.")
+    supernet_init: str | None = option(None, help="Start the supernet by weight selection from a pretrained ViT: a "
+                                                  "timm name (hub weights), NAME=FILE or a vitfab checkpoint; 'none' "
+                                                  "for random [default: none at small; at full DeiT-S for the tiny "
+                                                  "space, DeiT-B else, where the hub is reachable].")
     top_k: int | None = option(None, help="Subnets extracted and fine-tuned [default: 2 small, 3 full].")
     img_size: int | None = option(None, help="Input size [default: 64 small, 224 full].")
     patch_size: int | None = option(None, help="Patch size [default: 8 small, 16 full].")
@@ -128,6 +144,9 @@ class JobConfig(DataSettings):
         self.requirement().validate()
         checks = [
             (self.distill in DISTILL, f"--distill must be one of {', '.join(DISTILL)}, got '{self.distill}'"),
+            (self.embed in JOB_EMBEDS, f"--embed must be one of {', '.join(JOB_EMBEDS)}, got '{self.embed}'"),
+            (not (self.supernet_weights and self.supernet_init not in (None, "none")),
+             "give one start for the supernet: --supernet-weights or --supernet-init"),
             (self.min_reduction >= 1, f"--min-reduction must be >= 1, got {self.min_reduction}"),
             (self.budget_minutes is None or self.budget_minutes >= 0, "--budget-minutes must be >= 0"),
             (self.top_k is None or self.top_k >= 1, "--top-k must be at least 1"),
@@ -139,7 +158,28 @@ class JobConfig(DataSettings):
                 raise VitfabError(msg)
         for spec in self.tome_grid.split(","):
             parse_tome_spec(spec)
+        self.check_starts()
         self.precision_modes(torch.device("cpu") if self.device == "auto" else resolve_device(self.device))
+
+    def check_starts(self) -> None:
+        """The supernet's start, checked before any training: files exist, a timm name is known."""
+        if self.supernet_weights and not Path(self.supernet_weights).exists():
+            raise VitfabError(f"--supernet-weights not found: {self.supernet_weights}")
+        spec = self.supernet_init
+        if spec in (None, "none") or Path(spec).exists():
+            return
+        name, _, file = spec.partition("=")
+        if file and not Path(file).is_file():
+            raise VitfabError(f"--supernet-init: weights file not found: {file}")
+        check_model_name(name)
+
+    def supernet_start(self) -> str | None:
+        """The ``--supernet-init`` this run asks for: given, 'none', or the scale's default source."""
+        if self.supernet_init is not None:
+            return None if self.supernet_init == "none" else self.supernet_init
+        if self.supernet_weights or not self.scale_settings["pretrained"]:
+            return None
+        return INIT_SOURCES.get(self.space)
 
     def requirement(self) -> Requirement:
         return Requirement(self.min_accuracy, None if self.min_accuracy is not None else self.max_drop)

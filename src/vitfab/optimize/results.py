@@ -6,7 +6,7 @@ stage reads another's output by string keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..data.split import Split
 from ..files import read_json
@@ -40,6 +40,7 @@ class ReferenceModel:
     budget_seconds: float | None  # what the budget gave it (at least 15 % of the whole)
     val_top1: float
     val_macro_f1: float
+    start: str = "random weights"  # what its training started from
 
     def score(self, metric: str) -> float:
         return self.val_macro_f1 if metric == "macro_f1" else self.val_top1
@@ -66,6 +67,9 @@ class PilotResult:
     scores: dict[str, float]  # validation metric of each mode the pilot tried
     arch: str | None  # the pilot's student
     epochs: float  # per pilot run (a fraction where the slice is shorter than an epoch)
+    embed: str = "patch"  # the supernet's patch embedding (models.embed)
+    embed_reason: str = "the default"
+    embed_scores: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class BaselineResult:
     params: int
     gmacs: float
     train_img_per_s: float | None  # the probed training speed (None without a budget)
+    start: str = "random weights"  # what its training started from
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,8 @@ class SupernetResult:
     run: str
     epochs: int
     val_top1_training: float | None
+    start: str = "random weights"  # what its training started from
+    embed: str = "patch"
 
 
 @dataclass(frozen=True)

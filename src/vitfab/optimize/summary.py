@@ -40,6 +40,15 @@ def verdicts(rows: list[AblationRecord], metric: str) -> list[str]:
             for r in rows if r.kind == "reference" and value(r) > value(chosen) and r.img_per_s > chosen.img_per_s]
 
 
+def starts(results: dict[str, Any]) -> dict[str, str]:
+    """What each trained model started from (hub weights, a file, weight selection, random)."""
+    out = {m.label: m.start for m in results["references"].models}
+    for key, label in (("baseline", "DeiT-B/16 baseline"), ("supernet", "supernet")):
+        if key in results:
+            out[label] = results[key].start
+    return out
+
+
 def build_summary(ctx: JobContext, results: dict[str, Any], wall_seconds: float | None = None) -> Summary:
     """``results``: the typed result of every finished stage, by name (data, references, pilot,
     joint and final at least)."""
@@ -63,7 +72,7 @@ def build_summary(ctx: JobContext, results: dict[str, Any], wall_seconds: float 
         chosen=ChosenInfo(ch.model, ch.arch, ch.tome, ch.precision, ch.r_per_layer, ch.params, ch.gmacs,
                           final.checkpoint, final.val, final.test),
         references=[ReferenceInfo(m.label, m.name, m.checkpoint, m.epochs, m.seconds, m.budget_seconds, m.val_top1,
-                                  m.val_macro_f1) for m in references.models],
+                                  m.val_macro_f1, m.start) for m in references.models],
         teaching=TeachingInfo(references.teacher_label, references.teacher, pilot.mode, pilot.reason),
         verdicts=verdicts(rows, joint.metric),
         ablation=rows,
@@ -72,5 +81,8 @@ def build_summary(ctx: JobContext, results: dict[str, Any], wall_seconds: float 
         deploy=results.get("export"),
         budget=BudgetInfo(b.seconds, b.spent, list(b.cuts), ctx.state.seconds()),
         stage_results={k: v["result"] for k, v in ctx.state.stages.items()},
+        starts=starts(results),
+        embed=pilot.embed,
+        embed_reason=pilot.embed_reason,
         wall_seconds_this_call=wall_seconds,
     )

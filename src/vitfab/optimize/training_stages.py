@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from ..data.synth import SynthConfig, synthesize
+from ..errors import CheckpointError
 from ..evaluate.accuracy import METRIC_NAMES, validation_scores
 from ..evaluate.metrics import classification_metrics
 from ..evaluate.runner import collect_logits, plot_confusion
@@ -35,6 +36,27 @@ LABELS = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "deit_tiny_patch16_2
           "deit_small_patch16_224": "DeiT-S", "efficientnet_b0": "EfficientNet-B0",
           "mobilenetv3_large_100": "MobileNetV3-L"}
 PILOT_MODES = ("none", "soft", "hard")  # tried in this order; see pilot_choice
+PILOT_EMBEDS = ("conv", "spt")  # tried against patch where --embed auto
+
+
+def hub_weights(ctx: JobContext, name: str, label: str) -> tuple[bool, str]:
+    """At --scale full: whether timm's hub weights of ``name`` can be had (tried once per run and
+    recorded in its plan); (False, why) at small scale or offline, said in one line."""
+    if not ctx.config.scale_settings["pretrained"]:
+        return False, "random weights"
+
+    def make():
+        try:
+            create_model(name, pretrained=True)
+        except CheckpointError as exc:
+            return {"ok": False, "why": str(exc).split(";")[0]}
+        return {"ok": True, "why": f"timm hub weights of {name}"}
+
+    plan = ctx.plan(f"hub:{name}", make)
+    if not plan["ok"]:
+        console.print(f"{label}: no pretrained weights ({plan['why']}): trained from random weights")
+        return False, f"random weights (no hub weights: {plan['why']})"
+    return True, plan["why"]
 
 
 def stage_data(ctx: JobContext) -> DataResult:
@@ -59,8 +81,8 @@ def stage_data(ctx: JobContext) -> DataResult:
                       str(ctx.run.split_path))
 
 
-def reference_config(ctx: JobContext, data: str, name: str, epochs: int = 1, time_limit: float | None = None
-                     ) -> TrainConfig:
+def reference_config(ctx: JobContext, data: str, name: str, epochs: int = 1, time_limit: float | None = None,
+                     pretrained: bool = False) -> TrainConfig:
     """The reference recipe: AdamW lr 1e-3, weight decay 0.05, cosine over the epochs, label smoothing
     0.1, flips and 90-degree rotations, mixed precision, batch 32, the epoch with the best validation
     macro-F1 kept. A ViT reference keeps vitfab's small-data ViT settings (batch and warm-up of the
@@ -69,8 +91,10 @@ def reference_config(ctx: JobContext, data: str, name: str, epochs: int = 1, tim
     vit = is_vit(create_model(name, num_classes=2, img_size=c.img_size))
     recipe = (dict(patch_size=c.patch_size, lr=5e-4, warmup_epochs=min(1.0, epochs / 5), drop_path=0.1) if vit
               else dict(patch_size=None, batch_size=32, lr=1e-3, warmup_epochs=0.0, drop_path=0.0))
+    if pretrained:  # fine-tuning hub weights: the lower learning rate of a fine-tune
+        recipe["lr"] = None
     return c.train_config(data, model=name, weight_decay=0.05, label_smoothing=0.1, select_on="macro_f1",
-                          epochs=epochs, time_limit=time_limit, **recipe)
+                          epochs=epochs, time_limit=time_limit, pretrained=pretrained, **recipe)
 
 
 def stage_references(ctx: JobContext, data: DataResult) -> ReferencesResult:
@@ -81,6 +105,7 @@ def stage_references(ctx: JobContext, data: DataResult) -> ReferencesResult:
     each = None if share is None else max(REFERENCE_SHARE * total, share / max(len(names), 1))
     for name in names:
         label = LABELS.get(name, name)
+        pretrained, start = hub_weights(ctx, name, f"reference {label}")
 
         def make(name=name):
             if each is None:
@@ -89,12 +114,12 @@ def stage_references(ctx: JobContext, data: DataResult) -> ReferencesResult:
             return {"epochs": ctx.budget.fit(f"reference {label}", each, c.reference_epochs, sec)[0]}
 
         epochs = ctx.plan(f"reference:{name}", make)["epochs"]
-        tc = reference_config(ctx, data.data, name, epochs, ctx.time_limit(each))
+        tc = reference_config(ctx, data.data, name, epochs, ctx.time_limit(each), pretrained)
         res = ctx.train_stage(ctx.run.stage_dir("references") / name, tc, split)
         best = res.best_val
         models.append(ReferenceModel(name, label, str(res.run.root), str(res.run.find_checkpoint("best")), epochs,
                                      round(res.seconds, 1), each, best.get("val_top1", 0.0),
-                                     best.get("val_macro_f1", 0.0)))
+                                     best.get("val_macro_f1", 0.0), start))
         console.print(f"reference {label}: val {METRIC_NAMES[metric]} {100 * models[-1].score(metric):.2f} % after "
                       f"{epochs} epochs ({res.seconds:.0f} s)")
     return pick_teacher(models, metric, c.teacher)
@@ -110,25 +135,39 @@ def pick_teacher(models: list[ReferenceModel], metric: str, teacher: str | None 
 
 
 def _pilot_student(ctx: JobContext, data: str, mode: str, teacher: str | None, epochs: int, fraction: float,
-                   time_limit: float | None) -> TrainConfig:
+                   time_limit: float | None, embed: str = "patch") -> TrainConfig:
     c = ctx.config
     space = SupernetConfig(space=c.space, img_size=c.img_size, patch_size=c.patch_size).search_space()
-    return c.train_config(data, model="vitfab_subnet", model_args=subnet_kwargs(space.smallest(), space.head_dim),
+    args = subnet_kwargs(space.smallest(), space.head_dim) | ({"embed": embed} if embed != "patch" else {})
+    return c.train_config(data, model="vitfab_subnet", model_args=args,
                           epochs=epochs, epoch_fraction=fraction, warmup_epochs=0.0, lr=5e-4,
                           teacher=teacher if mode != "none" else None, distill=mode if mode != "none" else "soft",
                           time_limit=time_limit)
 
 
 def stage_pilot(ctx: JobContext, data: DataResult, references: ReferencesResult) -> PilotResult:
-    """Which distillation the ViTs train with: ``--distill`` where given, else a short pilot that
-    trains the space's smallest subnet from scratch once per mode on a slice of the budget."""
+    """Which distillation the ViTs train with and which patch embedding the supernet gets:
+    ``--distill`` / ``--embed`` where given, else a short pilot that trains the space's smallest
+    subnet from scratch once per choice on a slice of the budget (distillation modes with the patch
+    embedding; the other embeddings with the distillation fixed, or none where it is piloted)."""
     c, split, teacher = ctx.config, data.load_split(), references.teacher
+    modes = list(PILOT_MODES) if teacher is not None and c.distill == "auto" else []
+    fixed = c.distill if c.distill != "auto" else "none"
     if teacher is None:
-        return PilotResult("none", "no teacher (no reference and no --teacher)", {}, None, 0.0)
-    if c.distill != "auto":
-        return PilotResult(c.distill, f"set by --distill {c.distill}", {}, None, 0.0)
+        fixed, why = "none", "no teacher (no reference and no --teacher)"
+    else:
+        why = f"set by --distill {c.distill}"
+    embeds = list(PILOT_EMBEDS) if c.embed == "auto" else []
+    # (key, distillation, embedding) of each pilot run
+    runs = [(m, m, "patch") for m in modes] or ([("none" if fixed == "none" else fixed, fixed, "patch")]
+                                                if embeds else [])
+    runs += [(e, runs[0][1], e) for e in embeds]
+    embed = c.embed if c.embed != "auto" else "patch"
+    embed_why = f"set by --embed {c.embed}" if c.embed != "auto" else "the default"
+    if not runs:
+        return PilotResult(fixed, why, {}, None, 0.0, embed, embed_why)
     share = ctx.budget.share("pilot")
-    each = None if share is None else share / len(PILOT_MODES)
+    each = None if share is None else share / len(runs)
 
     def make():
         if each is None:
@@ -139,26 +178,39 @@ def stage_pilot(ctx: JobContext, data: DataResult, references: ReferencesResult)
         return {"epochs": epochs, "fraction": fraction}
 
     plan = ctx.plan("pilot", make)
-    scores = {}
-    for mode in PILOT_MODES:
-        tc = _pilot_student(ctx, data.data, mode, teacher, plan["epochs"], plan["fraction"], ctx.time_limit(each))
-        res = ctx.train_stage(ctx.run.stage_dir("pilot") / mode, tc, split)
-        scores[mode] = res.best_val.get("val_macro_f1" if references.metric == "macro_f1" else "val_top1", 0.0)
-    mode, margin = pilot_choice(scores, len(split.val))
-    name = METRIC_NAMES[references.metric]
-    reason = (f"pilot: the smallest subnet, {plan['epochs'] * plan['fraction']:.2g} epoch(s) per mode, val {name} "
-              + ", ".join(f"{m} {100 * v:.1f} %" for m, v in scores.items())
-              + f"; distillation only where it beats none by more than {100 * margin:.1f} points")
-    console.print(f"distillation: {mode} ({reason})")
-    return PilotResult(mode, reason, scores, "smallest subnet", plan["epochs"] * plan["fraction"])
+    got = {}
+    for key, mode, emb in runs:
+        tc = _pilot_student(ctx, data.data, mode, teacher, plan["epochs"], plan["fraction"], ctx.time_limit(each), emb)
+        res = ctx.train_stage(ctx.run.stage_dir("pilot") / key, tc, split)
+        got[key] = res.best_val.get("val_macro_f1" if references.metric == "macro_f1" else "val_top1", 0.0)
+    name, epochs = METRIC_NAMES[references.metric], plan["epochs"] * plan["fraction"]
+    head = f"pilot: the smallest subnet, {epochs:.2g} epoch(s) per run, val {name} "
+    scores = {k: got[k] for k in modes}
+    mode = fixed
+    if modes:
+        mode, margin = pilot_choice(scores, len(split.val))
+        why = (head + ", ".join(f"{m} {100 * v:.1f} %" for m, v in scores.items())
+               + f"; distillation only where it beats none by more than {100 * margin:.1f} points")
+        console.print(f"distillation: {mode} ({why})")
+    embed_scores = {}
+    if embeds:
+        embed_scores = {"patch": got[runs[0][0]]} | {e: got[e] for e in embeds}
+        embed, margin = pilot_choice(embed_scores, len(split.val), default="patch")
+        embed_why = (head + ", ".join(f"{e} {100 * v:.1f} %" for e, v in embed_scores.items())
+                     + f" ({runs[0][1]} distillation); another embedding only where it beats patch by more than "
+                       f"{100 * margin:.1f} points")
+        console.print(f"patch embedding: {embed} ({embed_why})")
+    return PilotResult(mode, why, scores, "smallest subnet", epochs, embed, embed_why, embed_scores)
 
 
-def pilot_choice(scores: dict[str, float], n_val: int) -> tuple[str, float]:
-    """(mode, margin): the best distillation mode only where it beats no distillation by more than
-    the noise of the validation split (two images, at least one point); else none, the cheaper."""
+def pilot_choice(scores: dict[str, float], n_val: int, default: str = "none") -> tuple[str, float]:
+    """(choice, margin): the best-scoring choice (the earlier of equals) only where it beats
+    ``default`` by more than the noise of the validation split (two images, at least one point);
+    else ``default``, the cheaper."""
     margin = max(0.01, 2 / max(n_val, 1))
-    best = max(PILOT_MODES[1:], key=lambda m: (scores[m], -PILOT_MODES.index(m)))
-    return (best if scores[best] - scores["none"] > margin else "none"), margin
+    order = list(scores)
+    best = max((k for k in order if k != default), key=lambda k: (scores[k], -order.index(k)))
+    return (best if scores[best] - scores[default] > margin else default), margin
 
 
 def _distill(pilot: PilotResult, references: ReferencesResult) -> dict:
@@ -173,7 +225,10 @@ def stage_baseline(ctx: JobContext, data: DataResult) -> BaselineResult:
     epoch: it is the speed reference, and far too slow here to train to convergence)."""
     c, split = ctx.config, data.load_split()
     folder = ctx.run.stage_dir("baseline")
-    pretrained = c.scale_settings["pretrained"] and not c.baseline_weights
+    if c.baseline_weights:
+        pretrained, start = False, f"--baseline-weights {c.baseline_weights}"
+    else:
+        pretrained, start = hub_weights(ctx, c.baseline_model, "baseline")
 
     def make():
         tc = c.train_config(data.data, model=c.baseline_model)  # random weights: only the speed is probed
@@ -193,7 +248,7 @@ def stage_baseline(ctx: JobContext, data: DataResult) -> BaselineResult:
     best = str(res.run.find_checkpoint("best"))
     model = load_model(best)
     return BaselineResult(str(folder), best, e, res.best_val.get("val_top1"), count_params(model),
-                          count_macs(model) / 1e9, plan["baseline_ips"])
+                          count_macs(model) / 1e9, plan["baseline_ips"], start)
 
 
 def stage_supernet(ctx: JobContext, data: DataResult, references: ReferencesResult,
@@ -202,6 +257,13 @@ def stage_supernet(ctx: JobContext, data: DataResult, references: ReferencesResu
     base = c.train_config(data.data)
     kw = {k: getattr(base, k) for k in ("data", "img_size", "patch_size", "batch_size", "device")} | c.data_settings()
     kw |= _distill(pilot, references)
+    kw |= dict(embed=pilot.embed, supernet_weights=c.supernet_weights)
+    init, start = c.supernet_start(), "random weights"
+    if c.supernet_weights:
+        start = f"the trained supernet {c.supernet_weights}"
+    elif init is not None:
+        ok, why = (True, init) if c.supernet_init is not None else hub_weights(ctx, init, "supernet")
+        kw["supernet_init"], start = (init, f"weight selection from {init}") if ok else (None, why)
 
     def make():
         net = build_supernet(SupernetConfig(space=c.space, **kw), split.classes, with_weights=False)
@@ -212,7 +274,7 @@ def stage_supernet(ctx: JobContext, data: DataResult, references: ReferencesResu
     tc = SupernetConfig(space=c.space, epochs=e, warmup_epochs=min(2.0, e / 5),
                         time_limit=ctx.time_limit(ctx.budget.share("supernet")), **kw)
     res = ctx.train_stage(ctx.run.stage_dir("supernet"), tc, split, supernet=True)
-    return SupernetResult(str(res.run.root), e, res.best_val.get("val_top1"))
+    return SupernetResult(str(res.run.root), e, res.best_val.get("val_top1"), start, pilot.embed)
 
 
 def _kd_cost(ctx: JobContext, distill: dict) -> float:

@@ -109,7 +109,9 @@ def _references(s: Summary) -> list[str]:
          f"decay 0.05, cosine, label smoothing 0.1, flips and 90-degree rotations, mixed precision, batch 32; a ViT "
          f"keeps vitfab's small-data ViT settings), the epoch with the best validation macro-F1 kept, and at least "
          f"15 % of the budget each. The requirement is measured from {_source(s)}. Teacher of the ViTs: "
-         f"{s.teaching.teacher or 'none'} (distillation: {s.teaching.distill}; {s.teaching.reason}).", "",
+         f"{s.teaching.teacher or 'none'} (distillation: {s.teaching.distill}; {s.teaching.reason}). Patch embedding "
+         f"of the supernet and its subnets: {s.embed} ({s.embed_reason}).", "",
+         "Starting weights: " + "; ".join(f"{k}: {v}" for k, v in s.starts.items()) + ".", "",
          f"| reference | epochs | training s | budget s | val top-1 % | val macro-F1 | test {name} % | img/s |",
          "|---|---|---|---|---|---|---|---|"]
     for ref in s.references:

@@ -7,7 +7,7 @@ run's summary.json back, so the report of any run can be rendered again from its
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from ..errors import VitfabError
 from ..files import read_json, write_json_atomic
 from ..records import RecordError, from_json, to_json
 
-SUMMARY_FORMAT = "vitfab-summary/2"  # 2: references, teaching, verdicts, primary_speedup
+SUMMARY_FORMAT = "vitfab-summary/3"  # 2: references, teaching, verdicts, primary_speedup; 3: starts, embedding
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,7 @@ class ReferenceInfo:
     budget_seconds: float | None  # what the budget gave it
     val_top1: float
     val_macro_f1: float
+    start: str = "random weights"
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,9 @@ class Summary:
     deploy: DeployInfo | None
     budget: BudgetInfo
     stage_results: dict[str, Any]  # every stage's result as saved in state.json
+    starts: dict[str, str] = field(default_factory=dict)  # what each trained model started from
+    embed: str = "patch"  # the supernet's (and its subnets') patch embedding
+    embed_reason: str = ""
     wall_seconds_this_call: float | None = None
     format: str = SUMMARY_FORMAT
 
