@@ -417,7 +417,8 @@ def test_run_bad_input_is_one_line(args, msg, tmp_path, capsys):
 
 def test_job_with_a_conv_stem_supernet_selected_from_a_pretrained_vit(tmp_path):
     """--embed conv and --supernet-init FILE: the pilot is skipped for the embedding, the supernet
-    starts by weight selection (its checkpoint says so) and the chosen model has the conv stem."""
+    starts by weight selection (its checkpoint says so), the chosen model has the conv stem, and its
+    architecture is timed at 224 px / patch 16."""
     from vitfab.optimize import run_job
     from vitfab.runtimes import load_model
 
@@ -425,15 +426,16 @@ def test_job_with_a_conv_stem_supernet_selected_from_a_pretrained_vit(tmp_path):
     src = create_model("vitfab_subnet", classes=list("abcdefg"), img_size=32, patch_size=8, embed_dim=256, depth=12,
                        num_heads=4, mlp_ratio=4.0, embed="conv")
     ck = save_checkpoint(tmp_path / "pretrained", src)
-    s = run_job(tiny_job(references="none", embed="conv", supernet_init=str(ck), tome_grid="none"),
+    s = run_job(tiny_job(references="none", embed="conv", supernet_init=str(ck), tome_grid="none", speed_at_224=True),
                 out=tmp_path / "run", progress=False)
+    assert s.at_224 is not None and s.at_224.speedup > 0  # at patch 16 the stem gets its fourth stage
     assert s.embed == "conv" and s.embed_reason == "set by --embed conv"
-    assert s.starts["supernet"] == f"weight selection from {ck}"
+    assert s.starts["supernet"] == f"weight selection (uniform) from {ck}"
     sup = json.loads((tmp_path / "run" / "state.json").read_text())["stages"]["supernet"]["result"]
     from vitfab.models.checkpoint import read_meta
 
     meta = read_meta(Path(sup["run"]) / "checkpoints" / "best" / "model.safetensors")
-    assert meta.extra["init"].startswith(f"weight selection from {ck}") and "identity, identity" in meta.extra["init"]
+    assert meta.extra["init"].startswith(f"weight selection (uniform) from {ck}") and "identity, identity" in meta.extra["init"]
     assert type(load_model(tmp_path / "run" / "chosen").patch_embed).__name__ == "ConvStemEmbed"
 
 

@@ -176,3 +176,14 @@ def test_a_selected_submodel_beats_a_random_start(tmp_path, patterns):
     loss = {k: r.best_val["val_loss"] for k, r in runs.items()}
     top1 = {k: r.best_val["val_top1"] for k, r in runs.items()}
     assert loss["selected"] < loss["random"] and top1["selected"] > top1["random"], (loss, top1)
+
+
+def test_leading_selection_takes_the_first_indices():
+    src = vit(0, embed_dim=192, depth=6, num_heads=3)
+    dst = vit(1, embed_dim=96, depth=3, num_heads=2, mlp_ratio=2.0)
+    sel = select_weights(src, dst, method="leading")
+    s = src.state_dict()
+    assert sel.blocks == [0, 1, 2]
+    assert torch.equal(sel.state_dict["blocks.2.mlp.fc1.weight"], s["blocks.2.mlp.fc1.weight"][:192, :96])
+    q = s["blocks.1.attn.qkv.weight"].view(3, 3, 64, 192)[:, :2, :, :96].reshape(384, 96)
+    assert torch.equal(sel.state_dict["blocks.1.attn.qkv.weight"], q)

@@ -30,6 +30,7 @@ from ..errors import VitfabError
 from .weights import fit_state_dict
 
 EXTRA_BLOCKS = ("identity", "repeat")
+METHODS = ("uniform", "leading")  # evenly spaced indices (Xu et al.), or the first ones (the plain slice)
 
 
 def evenly(n_source: int, n_target: int) -> torch.Tensor:
@@ -70,17 +71,30 @@ def _heads(blk) -> tuple[int, int]:
     return int(blk.attn.num_heads), int(blk.attn.head_dim)
 
 
-def select_weights(source: torch.nn.Module, target: torch.nn.Module, extra: str = "identity") -> Selection:
+def leading(n_source: int, n_target: int) -> torch.Tensor:
+    """The first ``n_target`` indices (what copying a leading slice takes)."""
+    if not 1 <= n_target <= n_source:
+        raise VitfabError(f"weight selection cannot take {n_target} of {n_source}")
+    return torch.arange(n_target)
+
+
+def select_weights(source: torch.nn.Module, target: torch.nn.Module, extra: str = EXTRA_BLOCKS[0],
+                   method: str = METHODS[0]) -> Selection:
     """The state dict that initialises ``target`` from ``source`` by weight selection (both timm
-    ViTs with pre-norm blocks; the target no wider than the source in any dimension)."""
+    ViTs with pre-norm blocks; the target no wider than the source in any dimension). ``method``
+    ``leading`` takes the first channels, heads, units and layers instead of evenly spaced ones
+    (the comparison Xu et al. make, and what a leading-slice copy amounts to)."""
     if extra not in EXTRA_BLOCKS:
         raise VitfabError(f"extra blocks must be one of {', '.join(EXTRA_BLOCKS)}, got '{extra}'")
+    if method not in METHODS:
+        raise VitfabError(f"selection method must be one of {', '.join(METHODS)}, got '{method}'")
+    evenly_ = evenly if method == "uniform" else leading
     src_model, dst_model = _vit(source, "source"), _vit(target, "target")
     src, own = src_model.state_dict(), dst_model.state_dict()
     E_s, E_t = src_model.embed_dim, dst_model.embed_dim
     if E_t > E_s:
         raise VitfabError(f"weight selection shrinks: the target's embed dim {E_t} exceeds the source's {E_s}")
-    e = evenly(E_s, E_t)
+    e = evenly_(E_s, E_t)
     out: dict[str, torch.Tensor] = {}
 
     def take(key: str, value: torch.Tensor) -> None:
@@ -106,7 +120,7 @@ def select_weights(source: torch.nn.Module, target: torch.nn.Module, extra: str 
 
     # blocks
     D_s, D_t = len(src_model.blocks), len(dst_model.blocks)
-    mapping: list[int | str] = (evenly(D_s, D_t).tolist() if D_t <= D_s else list(range(D_s)) + [extra] * (D_t - D_s))
+    mapping: list[int | str] = (evenly_(D_s, D_t).tolist() if D_t <= D_s else list(range(D_s)) + [extra] * (D_t - D_s))
     for j, m in enumerate(mapping):
         i = m if isinstance(m, int) else D_s - 1
         sb, tb = src_model.blocks[i], dst_model.blocks[j]
@@ -117,7 +131,7 @@ def select_weights(source: torch.nn.Module, target: torch.nn.Module, extra: str 
         M_s, M_t = sb.mlp.fc1.out_features, tb.mlp.fc1.out_features
         if M_t > M_s:
             raise VitfabError(f"weight selection: target block {j} has {M_t} MLP units, source block {i} {M_s}")
-        h, m_idx = evenly(H_s, H_t), evenly(M_s, M_t)
+        h, m_idx = evenly_(H_s, H_t), evenly_(M_s, M_t)
         ps, pt = f"blocks.{i}.", f"blocks.{j}."
         for name in ("norm1", "norm2"):
             for p in ("weight", "bias"):
@@ -152,11 +166,12 @@ def select_weights(source: torch.nn.Module, target: torch.nn.Module, extra: str 
     return Selection(full, kept, mapping)
 
 
-def select_into(source: torch.nn.Module, target: torch.nn.Module, extra: str = "identity") -> Selection:
+def select_into(source: torch.nn.Module, target: torch.nn.Module, extra: str = EXTRA_BLOCKS[0],
+                method: str = METHODS[0]) -> Selection:
     """``select_weights`` loaded into ``target`` (in place)."""
-    sel = select_weights(source, target, extra)
+    sel = select_weights(source, target, extra, method)
     target.load_state_dict(sel.state_dict)
     return sel
 
 
-__all__ = ["EXTRA_BLOCKS", "Selection", "evenly", "select_into", "select_weights"]
+__all__ = ["EXTRA_BLOCKS", "METHODS", "Selection", "evenly", "leading", "select_into", "select_weights"]

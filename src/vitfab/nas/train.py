@@ -28,7 +28,7 @@ from ..models.checkpoint import read_meta
 from ..models.embed import EMBEDS
 from ..models.meta import ModelMeta
 from ..models.factory import create_model
-from ..models.selection import EXTRA_BLOCKS, Selection, select_into
+from ..models.selection import EXTRA_BLOCKS, METHODS, Selection, select_into
 from ..models.supernet import SUPERNET_NAME, Supernet
 from ..models.weights import read_state_dict
 from ..options import option
@@ -59,8 +59,10 @@ class SupernetConfig(TrainConfig):
                                                      "a file the AutoFormer authors released (in --space).")
     supernet_init: str | None = option(None, help="Start by weight selection from a pretrained ViT: a timm name "
                                                   "(hub weights), NAME=FILE (local weights) or a vitfab checkpoint.")
-    extra_blocks: str = option("identity", help="With --supernet-init, blocks beyond the source's depth: identity "
+    extra_blocks: str = option(EXTRA_BLOCKS[0], help="With --supernet-init, blocks beyond the source's depth: identity "
                                                 "(zeroed residual outputs) or repeat (a copy of the last block).")
+    select: str = option(METHODS[0], help="With --supernet-init: uniform (evenly spaced channels, heads, units and "
+                                         "layers; Xu et al. 2024) or leading (the first ones).")
 
     def validate(self) -> None:
         super().validate()
@@ -68,6 +70,8 @@ class SupernetConfig(TrainConfig):
             raise VitfabError(f"--num-random must be >= 0, got {self.num_random}")
         if self.embed not in EMBEDS:
             raise VitfabError(f"--embed must be one of {', '.join(EMBEDS)}, got '{self.embed}'")
+        if self.select not in METHODS:
+            raise VitfabError(f"--select must be one of {', '.join(METHODS)}, got '{self.select}'")
         if self.extra_blocks not in EXTRA_BLOCKS:
             raise VitfabError(f"--extra-blocks must be one of {', '.join(EXTRA_BLOCKS)}, got '{self.extra_blocks}'")
         starts = [f for f in ("init_from", "supernet_weights", "supernet_init") if getattr(self, f)]
@@ -101,14 +105,14 @@ def build_supernet(config: SupernetConfig, classes: list[str], with_weights: boo
                            embed=config.embed)
     net.vitfab_meta = ModelMeta(name=SUPERNET_NAME, kwargs=net.meta_kwargs(), classes=list(classes),
                                 preprocess=Preprocess(img_size=space.img_size, crop_pct=1.0))
-    init = "random (trained from scratch)"
+    init = "random weights"
     if source is not None:
         copied = load_trained_supernet(net, source)
         init = f"the trained supernet {config.supernet_weights} ({copied} tensors)"
     elif with_weights and config.supernet_init:
         model, what = load_init_source(config.supernet_init)
-        sel = select_into_supernet(net, model, config.extra_blocks)
-        init = f"weight selection from {what}: {sel.describe()}"
+        sel = select_into_supernet(net, model, config.extra_blocks, config.select)
+        init = f"weight selection ({config.select}) from {what}: {sel.describe()}"
     elif with_weights and config.init_from:
         copied = init_from_model(net, config.init_from)
         init = f"{config.init_from} copied into the leading slices ({copied} tensors)"
@@ -172,11 +176,11 @@ def load_init_source(spec: str) -> tuple[torch.nn.Module, str]:
     return create_model(spec, pretrained=True), f"{spec} (hub weights)"
 
 
-def select_into_supernet(net: Supernet, source: torch.nn.Module, extra: str = "identity") -> Selection:
+def select_into_supernet(net: Supernet, source: torch.nn.Module, extra: str = EXTRA_BLOCKS[0],
+                         method: str = METHODS[0]) -> Selection:
     """Weight selection from ``source`` into the space's largest subnet, written into ``net``."""
-    largest = net.space.largest()
-    target = net.subnet_model(largest)
-    sel = select_into(source, target, extra)
+    target = net.subnet_model(net.space.largest())
+    sel = select_into(source, target, extra, method)
     net.load_leading(sel.state_dict)
     return sel
 

@@ -15,6 +15,7 @@ from ..errors import VitfabError
 from ..models import BASELINE
 from ..models.embed import EMBEDS
 from ..models.factory import check_model_name
+from ..models.selection import METHODS
 from ..options import option
 from ..precision import Precision, parse_precision, useful_precisions, with_reference
 from ..runtime import resolve_device
@@ -108,6 +109,8 @@ class JobConfig(DataSettings):
                                                   "timm name (hub weights), NAME=FILE or a vitfab checkpoint; 'none' "
                                                   "for random [default: none at small; at full DeiT-S for the tiny "
                                                   "space, DeiT-B else, where the hub is reachable].")
+    select: str = option(METHODS[0], help="With a --supernet-init: uniform (evenly spaced channels, heads, units and "
+                                         "layers; Xu et al. 2024) or leading (the first ones).")
     top_k: int | None = option(None, help="Subnets extracted and fine-tuned [default: 2 small, 3 full].")
     img_size: int | None = option(None, help="Input size [default: 64 small, 224 full].")
     patch_size: int | None = option(None, help="Patch size [default: 8 small, 16 full].")
@@ -145,6 +148,7 @@ class JobConfig(DataSettings):
         checks = [
             (self.distill in DISTILL, f"--distill must be one of {', '.join(DISTILL)}, got '{self.distill}'"),
             (self.embed in JOB_EMBEDS, f"--embed must be one of {', '.join(JOB_EMBEDS)}, got '{self.embed}'"),
+            (self.select in METHODS, f"--select must be one of {', '.join(METHODS)}, got '{self.select}'"),
             (not (self.supernet_weights and self.supernet_init not in (None, "none")),
              "give one start for the supernet: --supernet-weights or --supernet-init"),
             (self.min_reduction >= 1, f"--min-reduction must be >= 1, got {self.min_reduction}"),

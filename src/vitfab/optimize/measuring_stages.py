@@ -140,7 +140,10 @@ def _speed_at_224(ctx: JobContext, chosen: JointCandidate, seconds: float, class
     """The chosen architecture, schedule and precision at 224 px / patch 16 (random weights)
     against DeiT-B/16 fp32: speed does not depend on the weights, accuracy is not claimed."""
     arch = checkpoint_model_args(chosen.checkpoint)  # the architecture alone, not its weights
-    m = create_model(arch["model"], classes=classes, img_size=224, patch_size=16, **arch["model_args"])
+    # a conv stem's recorded widths are one stride-2 stage per halving of its patch: at patch 16 the
+    # stem is rebuilt with its default widths (one stage more)
+    args = {k: v for k, v in arch["model_args"].items() if k != "stem"}
+    m = create_model(arch["model"], classes=classes, img_size=224, patch_size=16, **args)
     folder = ctx.run.stage_dir("ablation") / "chosen-arch-224"
     save_checkpoint(folder, m, {"note": "random weights; for speed only"})
     cfgs = [BenchConfig(model=BASELINE, img_size=224, label="DeiT-B/16 fp32 @224"),

@@ -159,8 +159,7 @@ def stage_pilot(ctx: JobContext, data: DataResult, references: ReferencesResult)
         why = f"set by --distill {c.distill}"
     embeds = list(PILOT_EMBEDS) if c.embed == "auto" else []
     # (key, distillation, embedding) of each pilot run
-    runs = [(m, m, "patch") for m in modes] or ([("none" if fixed == "none" else fixed, fixed, "patch")]
-                                                if embeds else [])
+    runs = [(m, m, "patch") for m in modes] or ([(fixed, fixed, "patch")] if embeds else [])
     runs += [(e, runs[0][1], e) for e in embeds]
     embed = c.embed if c.embed != "auto" else "patch"
     embed_why = f"set by --embed {c.embed}" if c.embed != "auto" else "the default"
@@ -257,13 +256,13 @@ def stage_supernet(ctx: JobContext, data: DataResult, references: ReferencesResu
     base = c.train_config(data.data)
     kw = {k: getattr(base, k) for k in ("data", "img_size", "patch_size", "batch_size", "device")} | c.data_settings()
     kw |= _distill(pilot, references)
-    kw |= dict(embed=pilot.embed, supernet_weights=c.supernet_weights)
+    kw |= dict(embed=pilot.embed, supernet_weights=c.supernet_weights, select=c.select)
     init, start = c.supernet_start(), "random weights"
     if c.supernet_weights:
         start = f"the trained supernet {c.supernet_weights}"
     elif init is not None:
         ok, why = (True, init) if c.supernet_init is not None else hub_weights(ctx, init, "supernet")
-        kw["supernet_init"], start = (init, f"weight selection from {init}") if ok else (None, why)
+        kw["supernet_init"], start = (init, f"weight selection ({c.select}) from {init}") if ok else (None, why)
 
     def make():
         net = build_supernet(SupernetConfig(space=c.space, **kw), split.classes, with_weights=False)
