@@ -78,6 +78,44 @@ def leading(n_source: int, n_target: int) -> torch.Tensor:
     return torch.arange(n_target)
 
 
+def _select_block(src: dict, own: dict, sb, tb, i: int, j: int, e: torch.Tensor, pick, take) -> None:
+    """Target block ``j`` from source block ``i``: embedding channels ``e``, whole heads and MLP
+    units by ``pick``; ``take(key, tensor)`` stores each selected tensor."""
+    (H_s, hd_s), (H_t, hd_t) = _heads(sb), _heads(tb)
+    if hd_s != hd_t or H_t > H_s:
+        raise VitfabError(f"weight selection: target block {j} has {H_t} heads of {hd_t}, source block {i} "
+                          f"{H_s} of {hd_s} (heads are selected whole: the width must match, the count shrink)")
+    M_s, M_t = sb.mlp.fc1.out_features, tb.mlp.fc1.out_features
+    if M_t > M_s:
+        raise VitfabError(f"weight selection: target block {j} has {M_t} MLP units, source block {i} {M_s}")
+    E_s, E_t = sb.norm1.weight.shape[0], len(e)
+    h, m_idx = pick(H_s, H_t), pick(M_s, M_t)
+    ps, pt = f"blocks.{i}.", f"blocks.{j}."
+    done = set()
+
+    def put(key: str, value: torch.Tensor) -> None:
+        take(pt + key, value)
+        done.add(pt + key)
+
+    for name in ("norm1", "norm2"):
+        for p in ("weight", "bias"):
+            put(f"{name}.{p}", src[ps + f"{name}.{p}"][e])
+    put("attn.qkv.weight", src[ps + "attn.qkv.weight"].view(3, H_s, hd_s, E_s)[:, h][..., e].reshape(-1, E_t))
+    if ps + "attn.qkv.bias" in src and pt + "attn.qkv.bias" in own:
+        put("attn.qkv.bias", src[ps + "attn.qkv.bias"].view(3, H_s, hd_s)[:, h].reshape(-1))
+    put("attn.proj.weight", src[ps + "attn.proj.weight"][e].view(E_t, H_s, hd_s)[:, h].reshape(E_t, H_t * hd_s))
+    put("attn.proj.bias", src[ps + "attn.proj.bias"][e])
+    put("mlp.fc1.weight", src[ps + "mlp.fc1.weight"][m_idx][:, e])
+    put("mlp.fc1.bias", src[ps + "mlp.fc1.bias"][m_idx])
+    put("mlp.fc2.weight", src[ps + "mlp.fc2.weight"][e][:, m_idx])
+    put("mlp.fc2.bias", src[ps + "mlp.fc2.bias"][e])
+    for key in own:  # relative-position tables (head width fixed) and anything else of one shape
+        if key.startswith(pt) and key not in done:
+            skey = ps + key[len(pt):]
+            if skey in src and src[skey].shape == own[key].shape:
+                take(key, src[skey])
+
+
 def select_weights(source: torch.nn.Module, target: torch.nn.Module, extra: str = EXTRA_BLOCKS[0],
                    method: str = METHODS[0]) -> Selection:
     """The state dict that initialises ``target`` from ``source`` by weight selection (both timm
@@ -123,38 +161,10 @@ def select_weights(source: torch.nn.Module, target: torch.nn.Module, extra: str 
     mapping: list[int | str] = (evenly_(D_s, D_t).tolist() if D_t <= D_s else list(range(D_s)) + [extra] * (D_t - D_s))
     for j, m in enumerate(mapping):
         i = m if isinstance(m, int) else D_s - 1
-        sb, tb = src_model.blocks[i], dst_model.blocks[j]
-        (H_s, hd_s), (H_t, hd_t) = _heads(sb), _heads(tb)
-        if hd_s != hd_t or H_t > H_s:
-            raise VitfabError(f"weight selection: target block {j} has {H_t} heads of {hd_t}, source block {i} "
-                              f"{H_s} of {hd_s} (heads are selected whole: the width must match, the count shrink)")
-        M_s, M_t = sb.mlp.fc1.out_features, tb.mlp.fc1.out_features
-        if M_t > M_s:
-            raise VitfabError(f"weight selection: target block {j} has {M_t} MLP units, source block {i} {M_s}")
-        h, m_idx = evenly_(H_s, H_t), evenly_(M_s, M_t)
-        ps, pt = f"blocks.{i}.", f"blocks.{j}."
-        for name in ("norm1", "norm2"):
-            for p in ("weight", "bias"):
-                take(pt + f"{name}.{p}", src[ps + f"{name}.{p}"][e])
-        w = src[ps + "attn.qkv.weight"].view(3, H_s, hd_s, E_s)[:, h][..., e]
-        take(pt + "attn.qkv.weight", w.reshape(3 * H_t * hd_s, E_t))
-        if ps + "attn.qkv.bias" in src and pt + "attn.qkv.bias" in own:
-            take(pt + "attn.qkv.bias", src[ps + "attn.qkv.bias"].view(3, H_s, hd_s)[:, h].reshape(-1))
-        w = src[ps + "attn.proj.weight"][e].view(E_t, H_s, hd_s)[:, h].reshape(E_t, H_t * hd_s)
-        take(pt + "attn.proj.weight", w)
-        take(pt + "attn.proj.bias", src[ps + "attn.proj.bias"][e])
-        take(pt + "mlp.fc1.weight", src[ps + "mlp.fc1.weight"][m_idx][:, e])
-        take(pt + "mlp.fc1.bias", src[ps + "mlp.fc1.bias"][m_idx])
-        take(pt + "mlp.fc2.weight", src[ps + "mlp.fc2.weight"][e][:, m_idx])
-        take(pt + "mlp.fc2.bias", src[ps + "mlp.fc2.bias"][e])
-        for key in own:  # relative-position tables (head width fixed) and anything else of one shape
-            if key.startswith(pt) and key not in out:
-                skey = ps + key[len(pt):]
-                if skey in src and src[skey].shape == own[key].shape:
-                    take(key, src[skey])
+        _select_block(src, own, src_model.blocks[i], dst_model.blocks[j], i, j, e, evenly_, take)
         if m == "identity":
             for key in ("attn.proj.weight", "attn.proj.bias", "mlp.fc2.weight", "mlp.fc2.bias"):
-                out[pt + key].zero_()
+                out[f"blocks.{j}.{key}"].zero_()
 
     out = fit_state_dict(out, dst_model, "weight selection")  # grid and patch size; drops another head
     wrong = [k for k in out if k in own and out[k].shape != own[k].shape]
