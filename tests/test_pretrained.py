@@ -187,3 +187,25 @@ def test_leading_selection_takes_the_first_indices():
     assert torch.equal(sel.state_dict["blocks.2.mlp.fc1.weight"], s["blocks.2.mlp.fc1.weight"][:192, :96])
     q = s["blocks.1.attn.qkv.weight"].view(3, 3, 64, 192)[:, :2, :, :96].reshape(384, 96)
     assert torch.equal(sel.state_dict["blocks.1.attn.qkv.weight"], q)
+
+
+def test_full_scale_offline_says_so_and_trains_from_random_weights(capsys):
+    """At --scale full every model first asks the hub for weights; offline the answer is one line
+    and a random start (recorded in the plan, so a resumed run does not ask again)."""
+    from types import SimpleNamespace
+
+    from vitfab.optimize.config import JobConfig
+    from vitfab.optimize.training_stages import hub_weights
+
+    plans = {}
+    ctx = SimpleNamespace(config=JobConfig(scale="full").resolved(),
+                          plan=lambda key, make: plans.setdefault(key, make()))
+    ok, start = hub_weights(ctx, "deit_tiny_patch16_224", "reference DeiT-Tiny")
+    assert not ok and start.startswith("random weights (no hub weights: could not fetch")
+    out = " ".join(capsys.readouterr().err.split())  # the console writes to stderr, wrapped
+    assert "reference DeiT-Tiny: no pretrained weights" in out and "trained from random weights" in out
+    assert plans == {"hub:deit_tiny_patch16_224": {"ok": False, "why": plans["hub:deit_tiny_patch16_224"]["why"]}}
+    small = SimpleNamespace(config=JobConfig().resolved(), plan=None)
+    assert hub_weights(small, "deit_tiny_patch16_224", "x") == (False, "random weights")
+    assert JobConfig(scale="full").resolved().supernet_start() == "deit_small_patch16_224"
+    assert JobConfig(scale="full", supernet_init="none").resolved().supernet_start() is None
