@@ -33,6 +33,14 @@ def stem_channels(patch_size: int, embed_dim: int) -> list[int]:
     return [max(8, embed_dim // 2 ** (k - i)) for i in range(k)]
 
 
+def stem_widths(patch_size: int, embed_dim: int, stem: list[int] | None = None) -> list[int]:
+    """The conv stem's widths: ``stem`` as given (one per stride-2 stage) or the default."""
+    widths = list(stem) if stem else stem_channels(patch_size, embed_dim)
+    if len(widths) != int(math.log2(patch_size)):
+        raise ValueError(f"a patch of {patch_size} needs {int(math.log2(patch_size))} stem stages, got {len(widths)}")
+    return widths
+
+
 def check_embed(embed: str, patch_size: int) -> None:
     if embed not in EMBEDS:
         raise ValueError(f"embed must be one of {', '.join(EMBEDS)}, got '{embed}'")
@@ -83,10 +91,7 @@ def pre_embed(embed: str, patch_size: int, embed_dim: int, stem: list[int] | Non
     channels and its kernel (= stride)."""
     check_embed(embed, patch_size)
     if embed == "conv":
-        widths = list(stem) if stem else stem_channels(patch_size, embed_dim)
-        if len(widths) != int(math.log2(patch_size)):
-            raise ValueError(f"a patch of {patch_size} needs {int(math.log2(patch_size))} stem stages, "
-                             f"got {len(widths)}")
+        widths = stem_widths(patch_size, embed_dim, stem)
         return conv_stem(widths, in_chans), widths[-1], 1
     if embed == "spt":
         return ShiftedPatchNorm(patch_size, in_chans), 5 * in_chans, patch_size
@@ -141,7 +146,7 @@ def embed_counts(embed: str, embed_dim: int, img_size: int, patch_size: int, ste
         k = 5 * in_chans * p * p
         return 2 * k + k * e + e, g * g * k * e
     params, macs, c, size = 0, 0, in_chans, img_size
-    for w in (list(stem) if stem else stem_channels(p, e)):
+    for w in stem_widths(p, e, stem):
         size = (size + 1) // 2
         params += 9 * c * w + 2 * w
         macs += size * size * 9 * c * w

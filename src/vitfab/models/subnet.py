@@ -16,7 +16,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from .arch import ArchConfig
-from .embed import check_embed, embed_layer
+from .embed import embed_layer
 from .relpos import RelPosAttention
 
 
@@ -40,8 +40,7 @@ def vitfab_subnet(pretrained: bool = False, embed_dim: int = 192, depth: int = 1
     if ln_eps is not None:
         kwargs["norm_layer"] = partial(LayerNorm, eps=ln_eps)
     layer = embed_layer(embed, stem)
-    if layer is not None:  # a small-data embedding (models.embed)
-        check_embed(embed, int(kwargs.get("patch_size", 16)))
+    if layer is not None:  # a small-data embedding (models.embed; it checks the patch size)
         kwargs["embed_layer"] = layer
     if kwargs.get("global_pool") == "avg":
         kwargs.setdefault("fc_norm", False)  # final norm before pooling, as the supernet does

@@ -27,7 +27,7 @@ from ..models.arch import ArchConfig, SearchSpace, SpaceError
 from ..models.checkpoint import read_meta
 from ..models.embed import EMBEDS
 from ..models.meta import ModelMeta
-from ..models.factory import create_model
+from ..models.factory import check_model_name, create_model
 from ..models.selection import EXTRA_BLOCKS, METHODS, Selection, select_into
 from ..models.supernet import SUPERNET_NAME, Supernet
 from ..models.weights import read_state_dict
@@ -168,12 +168,25 @@ def load_trained_supernet(net: Supernet, source: Supernet) -> int:
 def load_init_source(spec: str) -> tuple[torch.nn.Module, str]:
     """``--supernet-init``: a timm ViT name (hub weights), ``NAME=FILE`` (that model with a local
     weights file), or a vitfab checkpoint / run folder. Returns the model and how it was found."""
+    if Path(spec).exists():
+        return load_model(spec), spec
     name, _, file = spec.partition("=")
     if file:
         return create_model(name, weights=file), f"{name} ({file})"
-    if Path(spec).exists():
-        return load_model(spec), spec
     return create_model(spec, pretrained=True), f"{spec} (hub weights)"
+
+
+def check_supernet_start(supernet_weights: str | None, supernet_init: str | None) -> None:
+    """The cheap checks of a supernet's start, before any image is read: files exist, a timm name
+    is known ('none' for ``supernet_init`` is no start)."""
+    if supernet_weights and not Path(supernet_weights).exists():
+        raise VitfabError(f"--supernet-weights not found: {supernet_weights}")
+    if supernet_init in (None, "none") or Path(supernet_init).exists():
+        return
+    name, _, file = supernet_init.partition("=")
+    if file and not Path(file).is_file():
+        raise VitfabError(f"--supernet-init: weights file not found: {file}")
+    check_model_name(name)
 
 
 def select_into_supernet(net: Supernet, source: torch.nn.Module, extra: str = EXTRA_BLOCKS[0],
@@ -254,11 +267,7 @@ def check_supernet_config(config: SupernetConfig) -> SearchSpace:
     resolve_amp(config.amp, resolve_device(config.device))
     if config.init_from and not Path(config.init_from).exists():  # a new run only: resume has the weights
         raise VitfabError(f"--init-from not found: {config.init_from}")
-    if config.supernet_weights and not Path(config.supernet_weights).exists():
-        raise VitfabError(f"--supernet-weights not found: {config.supernet_weights}")
-    file = (config.supernet_init or "").partition("=")[2]
-    if file and not Path(file).is_file():
-        raise VitfabError(f"--supernet-init: weights file not found: {file}")
+    check_supernet_start(config.supernet_weights, config.supernet_init)
     return config.search_space()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,8 +13,8 @@ from ..data.split import DataSettings
 from ..errors import VitfabError
 from ..models import BASELINE
 from ..models.embed import EMBEDS
-from ..models.factory import check_model_name
 from ..models.selection import METHODS
+from ..nas.train import check_supernet_start
 from ..options import option
 from ..precision import Precision, parse_precision, useful_precisions, with_reference
 from ..runtime import resolve_device
@@ -162,20 +161,8 @@ class JobConfig(DataSettings):
                 raise VitfabError(msg)
         for spec in self.tome_grid.split(","):
             parse_tome_spec(spec)
-        self.check_starts()
+        check_supernet_start(self.supernet_weights, self.supernet_init)
         self.precision_modes(torch.device("cpu") if self.device == "auto" else resolve_device(self.device))
-
-    def check_starts(self) -> None:
-        """The supernet's start, checked before any training: files exist, a timm name is known."""
-        if self.supernet_weights and not Path(self.supernet_weights).exists():
-            raise VitfabError(f"--supernet-weights not found: {self.supernet_weights}")
-        spec = self.supernet_init
-        if spec in (None, "none") or Path(spec).exists():
-            return
-        name, _, file = spec.partition("=")
-        if file and not Path(file).is_file():
-            raise VitfabError(f"--supernet-init: weights file not found: {file}")
-        check_model_name(name)
 
     def supernet_start(self) -> str | None:
         """The ``--supernet-init`` this run asks for: given, 'none', or the scale's default source."""
