@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from vitfab.errors import VitfabError
-from vitfab.evaluate import classification_metrics, find_good_class
+from vitfab.evaluate import classification_metrics, good_classes
 
 
 def onehot_logits(preds, n):
@@ -43,9 +43,11 @@ def test_top5_with_many_classes():
 
 
 def test_good_class_lookup():
-    assert find_good_class(["crack", "OK", "void"]) == 1
-    assert find_good_class(["crack", "normal"]) == 1
-    assert find_good_class(["a", "b"]) is None
-    assert find_good_class(["pass", "fail"], "pass") == 0
+    assert good_classes(["crack", "OK", "void"]) == [1]
+    assert good_classes(["crack", "normal"]) == [1]
+    assert good_classes(["a", "b"]) == []
+    assert good_classes(["pass", "fail"], "pass") == [0]
     with pytest.raises(VitfabError, match="not one of the classes"):
-        find_good_class(["a", "b"], "good")
+        good_classes(["a", "b"], "good")
+    with pytest.raises(VitfabError, match="every class"):
+        good_classes(["a", "b"], "a,b")

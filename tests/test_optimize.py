@@ -67,6 +67,28 @@ def test_choice_on_macro_f1_for_imbalanced_data():
     assert {c.model for c in joint_front(cs, "throughput", "macro_f1")} == {"a", "b", "c"}
 
 
+def test_choice_rejects_a_faster_candidate_that_misses_a_ceiling():
+    """The fastest candidate meets the accuracy but its operating point misses the overkill ceiling:
+    the next fastest that meets both is chosen; where none meets the ceilings, it says so."""
+    def op(met, overkill):
+        return {"met": met, "overkill_rate": overkill, "escape_rate": 0.02,
+                "shortfall": None if met else f"escape <= 2.00 % needs {100 * overkill:.2f} % overkill"}
+
+    from vitfab.optimize.joint import shortfall
+
+    cs = [JointCandidate("fast", "c", None, "int8", accuracy=0.92, img_per_s=900, operating=op(False, 0.25)),
+          JointCandidate("mid", "c", None, "fp32", accuracy=0.91, img_per_s=500, operating=op(True, 0.08)),
+          JointCandidate("slow", "c", None, "fp32", accuracy=0.95, img_per_s=100, operating=op(True, 0.05))]
+    assert choose(cs, 0.9, "throughput") == (cs[1], True) and shortfall(cs, 0.9, "top1") is None
+    assert choose(cs, 0.94, "throughput") == (cs[2], True)
+    chosen, met = choose(cs, 0.99, "throughput")  # nobody is accurate enough: the most accurate meeting the ceilings
+    assert (chosen.model, met) == ("slow", False)
+    assert "miss the accuracy" in shortfall(cs, 0.99, "top1")
+    none_meet = [cs[0], JointCandidate("b", "c", None, "fp32", accuracy=0.9, img_per_s=100, operating=op(False, 0.4))]
+    assert choose(none_meet, 0.5, "throughput")[1] is False
+    assert shortfall(none_meet, 0.5, "top1").startswith("no candidate meets the ceilings; the closest, fast")
+
+
 def test_teacher_is_the_best_reference_on_validation():
     from vitfab.optimize.results import ReferenceModel
     from vitfab.optimize.training_stages import pick_teacher
@@ -218,7 +240,7 @@ def job_run(tmp_path_factory):
     from vitfab.optimize import run_job
 
     out = tmp_path_factory.mktemp("job") / "run"
-    summary = run_job(tiny_job(references="resnet18,deit_tiny_patch16_224"), out=out, progress=False)
+    summary = run_job(tiny_job(references="resnet18,deit_tiny_patch16_224", max_escape=30), out=out, progress=False)
     return out, summary
 
 
@@ -277,6 +299,35 @@ def test_main_job_writes_the_evidence(job_run):
     assert f"Patch embedding of the supernet and its subnets: {s['embed']}" in md and "Starting weights:" in md
     for row in s["ablation"]:
         assert row["name"] in md and f"{100 * row['accuracy']:.2f}" in md
+
+
+def test_operating_point_travels_with_the_chosen_model(job_run):
+    """--max-escape 30: every candidate has an operating point fitted on validation; the chosen
+    model's is recorded in chosen/, deploy.json and the ONNX metadata; the quality stage reports it
+    on test with its bounds, against the baseline and the best reference."""
+    from vitfab.evaluate.operating import clopper_pearson_upper
+    from vitfab.runtimes import onnx_meta
+
+    out, summary = job_run
+    cands = json.loads((out / "joint" / "candidates.json").read_text())
+    assert all(c["operating"]["ceilings"]["max_escape"] == 0.3 for c in cands if c["error"] is None)
+    assert summary.joint.ceilings.startswith("escape <= 30 %")
+    assert summary.joint.ceilings_met == next(c.operating for c in summary.joint.candidates if c.chosen)["met"]
+    op = json.loads((out / "chosen" / "meta.json").read_text())["operating_point"]
+    assert json.loads((out / "deploy" / "deploy.json").read_text())["operating_point"] == op
+    assert onnx_meta(out / "deploy" / "model.onnx").extra["operating_point"] == op
+    q = summary.quality
+    assert [r.kind for r in q.rows] == ["chosen", "baseline", "reference"] and q.good_classes == ["good"]
+    assert q.rows[0].operating == op
+    t = summary.chosen.test.operating
+    assert t == q.rows[0].test and t["escape_upper"] == pytest.approx(clopper_pearson_upper(t["escapes"],
+                                                                                            t["n_defective"]))
+    assert q.comparison["low"] <= q.comparison["difference"] <= q.comparison["high"]
+    assert q.escape_claim["images_needed"] == 9  # 0 escapes in 9 bound the rate below 30 %
+    md = (out / "report" / "report.md").read_text()
+    assert "## Inspection requirement and confidence" in md and "paired bootstrap 95 % interval" in md
+    for f in ("escape_overkill.png", "reliability.png"):
+        assert (out / "report" / f).stat().st_size > 0
 
 
 def test_chosen_checkpoint_reproduces_its_test_metrics(job_run):
@@ -407,12 +458,25 @@ def test_main_job_fits_a_budget_and_says_what_it_cut(tmp_path):
     (["--supernet-init", "deit_smal_patch16_224"], "unknown timm model"),
     (["--supernet-init", "deit_small_patch16_224=/nonexistent.safetensors"], "not found"),
     (["--supernet-weights", "/nonexistent.pth"], "--supernet-weights"),
+    (["--max-escape", "150"], "--max-escape"),
+    (["--max-overkill", "-3"], "--max-overkill"),
+    (["--min-recall", "scratch=0.9"], "no such class"),
+    (["--min-recall", "good=0.9"], "defect class"),
+    (["--metric", "accuracy"], "--metric"),
+    (["--good-class", "good,flawless"], "flawless"),
 ])
 def test_run_bad_input_is_one_line(args, msg, tmp_path, capsys):
     code = main(["run", "--out", str(tmp_path / "r"), "--no-progress", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error:") and msg.lower() in err.lower() and "\n" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_escape_ceiling_without_a_good_class_is_one_line(make_folder, tmp_path, capsys):
+    data = make_folder({"scratch": 10, "dent": 10})
+    code = main(["run", "--data", str(data), "--out", str(tmp_path / "r"), "--no-progress", "--max-escape", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "need a good class" in err and "\n" not in err and not (tmp_path / "r").exists()
 
 
 def test_job_with_a_conv_stem_supernet_selected_from_a_pretrained_vit(tmp_path):
@@ -493,7 +557,7 @@ def test_stage_results_round_trip_through_state_json(job_run):
 
     out, _ = job_run
     state = json.loads((out / "state.json").read_text())
-    assert state["format"] == "vitfab-job-state/3" and [s.name for s in PIPELINE] == list(state["stages"])
+    assert state["format"] == "vitfab-job-state/4" and [s.name for s in PIPELINE] == list(state["stages"])
     for stage in PIPELINE:
         saved = state["stages"][stage.name]["result"]
         result = from_json(stage.result, saved)

@@ -26,6 +26,7 @@ from .data.synth import SynthConfig
 from .errors import VitfabError
 from .evaluate.api import EvalConfig
 from .evaluate.predict import PredictConfig
+from .export.calibrate import CalibrateConfig
 from .export.deploy import ExportConfig
 from .measure.auto_precision import PrecisionRequest
 from .measure.bench import BenchOptions, BenchRequest
@@ -200,26 +201,12 @@ def run(config: JobConfig, out, resume, as_json, progress):
     """The main job: data -> DeiT-B/16 baseline -> supernet + search -> subnet x ToMe x precision
     -> the fastest configuration that meets the requirement, the ablation, the report."""
     from .optimize import resume_job, run_job
-    from .report import ablation_table
+    from .report import terminal_lines
 
     summary = resume_job(resume, progress) if resume is not None else run_job(config, out, progress)
     if as_json:
         return _print_json(summary.to_dict())
-    ch = summary.chosen
-    _say(f"\nrun folder: {summary.run}")
-    _say("\n".join(ablation_table(summary.ablation)))
-    if summary.at_224:
-        at = summary.at_224
-        _say(f"at 224 px (random weights, speed only): {at.speedup:.1f}x DeiT-B/16 fp32, {at.params_reduction:.1f}x "
-             f"fewer params, {at.macs_reduction:.1f}x fewer GMACs")
-    _say(f"report: {Path(summary.run) / 'report' / 'report.html'}; wall time: {summary.wall_seconds_this_call:.0f} s")
-    _say(f"requirement: {summary.joint.requirement} -> {'met' if summary.requirement_met else 'NOT met'}")
-    speedup = summary.primary_speedup
-    _say(f"chosen: {ch.arch} | ToMe {ch.tome or 'none'} | {ch.precision}: test top-1 {100 * ch.test.top1:.2f} %, "
-         f"macro-F1 {ch.test.macro_f1:.3f}" + (f", {speedup:.1f}x DeiT-B/16 fp32 at {summary.data.img_size} px"
-                                               if speedup else ""))
-    for verdict in summary.verdicts:
-        _say(f"NOTE: {verdict}")
+    _say("\n".join(terminal_lines(summary)))
 
 
 # --------------------------------------------------------------------------- training
@@ -278,7 +265,21 @@ def eval_(config: EvalConfig, as_json, progress):
 def predict(config: PredictConfig, progress):
     """Classify images with a trained checkpoint or an exported model; write a CSV."""
     rows, skipped = config.run(progress)
-    _say(f"{len(rows)} predictions -> {config.out}" + (f" ({len(skipped)} skipped)" if skipped else ""))
+    flagged = sum(r.get("decision") == "flag" for r in rows)
+    decided = any(r.get("decision") for r in rows)
+    _say(f"{len(rows)} predictions -> {config.out}" + (f", {flagged} flagged" if decided else "")
+         + (f" ({len(skipped)} skipped)" if skipped else ""))
+
+
+@command(app, ("calibrate",), {"config": CalibrateConfig}, (_json("Print the before / after record."), PROGRESS))
+def calibrate(config: CalibrateConfig, as_json, progress):
+    """Re-fit a model's operating point (temperature, reject threshold) on new labelled line data."""
+    from .export.calibrate import record_lines
+
+    record = config.run(progress)
+    if as_json:
+        return _print_json(record)
+    _say("\n".join(record_lines(record, config.model)))
 
 
 @command(app, ("export",), {"config": ExportConfig}, (_json("Print deploy.json."),))

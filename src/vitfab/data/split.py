@@ -26,7 +26,8 @@ class DataSettings:
     test_fraction: float = option(0.15, help="Share of each class held out for the test.")
     max_per_class: int | None = option(None, help="Use at most N images per class (seeded).")
     skip_bad_images: bool = option(False, help="Skip unreadable images with a warning.")
-    good_class: str | None = option(None, help="Class meaning 'no defect' (default: good/normal/ok).")
+    good_class: str | None = option(None, help="The classes whose images may pass, a comma list (default: a class "
+                                               "named good/normal/ok); every other class is a defect.")
 
     def data_settings(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(DataSettings)}

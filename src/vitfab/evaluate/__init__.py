@@ -2,7 +2,7 @@
 running models over images (accuracy as deployed, predictions to CSV)."""
 
 from .accuracy import prepared_accuracy, validation_accuracy
-from .metrics import classification_metrics, find_good_class, format_metrics
+from .metrics import classification_metrics, good_classes, format_metrics
 from .runner import CachedBatches, collect_logits, evaluate_model, make_eval_loader, plot_confusion
 
 __all__ = [
@@ -10,7 +10,7 @@ __all__ = [
     "classification_metrics",
     "collect_logits",
     "evaluate_model",
-    "find_good_class",
+    "good_classes",
     "format_metrics",
     "make_eval_loader",
     "plot_confusion",

@@ -1,9 +1,16 @@
 """Classification metrics from logits, including the inspection-line ones.
 
-- **escape rate**: defective images classified as the good class / defective images
+The good classes (``--good-class``, a comma list; default a class named good / normal / ok) are
+the ones whose images may pass; every other class is a defect. At the argmax class:
+
+- **escape rate**: defective images classified as a good class / defective images
   (a defect that leaves the line);
 - **overkill rate**: good images classified as any defect / good images (a good part scrapped
   or sent to re-inspection).
+
+At a calibrated reject threshold (an operating point) they are ``evaluate.operating``'s.
+The accuracy metrics a requirement may be stated in (``METRICS``): top-1, macro-F1 (mean F1 over
+the classes present) and balanced accuracy (mean recall over the classes present).
 """
 
 from __future__ import annotations
@@ -15,20 +22,24 @@ import numpy as np
 from ..errors import VitfabError
 
 GOOD_CLASS_NAMES = ("good", "normal", "ok")
+METRICS = ("top1", "macro_f1", "balanced_accuracy")  # what a requirement and every selection may compare
 
 
-def find_good_class(classes: Sequence[str], good_class: str | None = None) -> int | None:
-    """Index of the class that means 'no defect': ``good_class`` if given, else one named
-    good / normal / ok (any case), else ``None``."""
+def good_classes(classes: Sequence[str], good_class: str | None = None) -> list[int]:
+    """Indices of the classes whose images may pass: ``good_class`` (a comma list of class names,
+    any case) if given, else the first class named good / normal / ok; empty where there is none."""
     lowered = [c.lower() for c in classes]
     if good_class is not None:
-        if good_class.lower() not in lowered:
-            raise VitfabError(f"--good-class '{good_class}' is not one of the classes: {', '.join(classes)}")
-        return lowered.index(good_class.lower())
-    for name in GOOD_CLASS_NAMES:
-        if name in lowered:
-            return lowered.index(name)
-    return None
+        names = [n.strip() for n in good_class.split(",") if n.strip()]
+        unknown = [n for n in names if n.lower() not in lowered]
+        if unknown or not names:
+            raise VitfabError(f"--good-class '{good_class}': {', '.join(unknown) or 'no class'} is not one of the "
+                              f"classes: {', '.join(classes)}")
+        idx = list(dict.fromkeys(lowered.index(n.lower()) for n in names))
+        if len(idx) == len(classes):
+            raise VitfabError(f"--good-class '{good_class}' names every class: no image could be a defect")
+        return idx
+    return next(([lowered.index(n)] for n in GOOD_CLASS_NAMES if n in lowered), [])
 
 
 def confusion_matrix(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -62,9 +73,30 @@ def _macro(f1: np.ndarray, support: np.ndarray) -> float:
 
 def macro_f1(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
     """Mean F1 over the classes that occur in ``targets``."""
-    cm = confusion_matrix(np.asarray(targets, dtype=np.int64), np.asarray(preds, dtype=np.int64), num_classes)
-    _, _, f1, support = _per_class(cm)
-    return _macro(f1, support)
+    return metric_value("macro_f1", targets, preds, num_classes)
+
+
+def metric_value(metric: str, targets: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
+    """One of ``METRICS`` from the argmax predictions."""
+    targets, preds = np.asarray(targets, dtype=np.int64), np.asarray(preds, dtype=np.int64)
+    if not len(targets):
+        return 0.0
+    if metric == "top1":
+        return float(np.mean(preds == targets))
+    _, recall, f1, support = _per_class(confusion_matrix(targets, preds, num_classes))
+    if metric == "macro_f1":
+        return _macro(f1, support)
+    if metric == "balanced_accuracy":
+        return _macro(recall, support)
+    raise VitfabError(f"--metric must be one of {', '.join(METRICS)}, got '{metric}'")
+
+
+def argmax_rates(targets: np.ndarray, preds: np.ndarray, good: Sequence[int]) -> dict[str, float | None]:
+    """Escape and overkill rates where an image passes when its argmax class is a good one."""
+    targets, preds = np.asarray(targets), np.asarray(preds)
+    is_good, passed = np.isin(targets, list(good)), np.isin(preds, list(good))
+    return {"escape_rate": float(np.mean(passed[~is_good])) if (~is_good).any() else None,
+            "overkill_rate": float(np.mean(~passed[is_good])) if is_good.any() else None}
 
 
 def classification_metrics(
@@ -73,8 +105,9 @@ def classification_metrics(
     classes: Sequence[str],
     good_class: str | None = None,
 ) -> dict[str, Any]:
-    """Top-1, top-5 (more than five classes), macro-F1, per-class precision/recall/F1,
-    confusion matrix, and escape/overkill rates when a good class exists."""
+    """Top-1, top-5 (more than five classes), macro-F1, balanced accuracy, per-class
+    precision/recall/F1, confusion matrix, and escape/overkill rates at the argmax class when a
+    good class exists."""
     logits = np.asarray(logits, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.int64)
     n_cls = len(classes)
@@ -85,6 +118,7 @@ def classification_metrics(
         "n": int(len(targets)),
         "top1": float(np.mean(preds == targets)) if len(targets) else 0.0,
         "macro_f1": _macro(f1, support),
+        "balanced_accuracy": _macro(recall, support),
         "per_class": {
             c: {
                 "precision": float(precision[i]),
@@ -99,13 +133,10 @@ def classification_metrics(
     }
     if n_cls > 5:
         out["top5"] = topk_accuracy(logits, targets, 5)
-    g = find_good_class(classes, good_class)
-    if g is not None:
-        good = targets == g
-        defective = ~good
-        out["good_class"] = classes[g]
-        out["escape_rate"] = float(np.mean(preds[defective] == g)) if defective.any() else None
-        out["overkill_rate"] = float(np.mean(preds[good] != g)) if good.any() else None
+    good = good_classes(classes, good_class)
+    if good:
+        out["good_class"] = ",".join(classes[g] for g in good)
+        out |= argmax_rates(targets, preds, good)
     return out
 
 
@@ -119,7 +150,14 @@ def format_metrics(m: dict[str, Any]) -> str:
     if "top5" in m:
         lines.append(f"top-5       {pct(m['top5'])}")
     lines.append(f"macro-F1    {m['macro_f1']:.4f}")
+    if "balanced_accuracy" in m:
+        lines.append(f"balanced    {pct(m['balanced_accuracy'])}")
     if "good_class" in m:
-        lines.append(f"escape rate {pct(m['escape_rate'])}  (defects called '{m['good_class']}')")
-        lines.append(f"overkill    {pct(m['overkill_rate'])}  ('{m['good_class']}' called defective)")
+        lines.append(f"escape rate {pct(m['escape_rate'])}  (defects called '{m['good_class']}', at the argmax)")
+        lines.append(f"overkill    {pct(m['overkill_rate'])}  ('{m['good_class']}' called defective, at the argmax)")
+    op = m.get("operating_point")
+    if op:
+        lines.append(f"at the operating point (p_good >= {op['threshold']:.4f}, T = {op['temperature']:.3f}): escape "
+                     f"{pct(op['escape_rate'])} (95 % upper bound {pct(op['escape_upper'])}), overkill "
+                     f"{pct(op['overkill_rate'])} (upper bound {pct(op['overkill_upper'])})")
     return "\n".join(lines)

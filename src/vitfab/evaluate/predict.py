@@ -1,4 +1,11 @@
-"""``vitfab predict``: classify image files or folders with a saved or exported model, to CSV."""
+"""``vitfab predict``: classify image files or folders with a saved or exported model, to CSV.
+
+Where the model's classes include good ones, each image also gets ``p_good`` and a ``decision``:
+at the operating point recorded with the model (``vitfab run`` / ``vitfab calibrate``: temperature
+and threshold), else at the argmax class (pass where it is a good class, p_good at temperature 1).
+A flagged image is reported with its most likely defect class, a passed one with its most likely
+good class; ``confidence`` and ``topk`` are the model's own (temperature 1) probabilities.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,9 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from ..data.images import SKIP_HINT, is_image_file, list_images, load_image, report_skipped
@@ -19,6 +27,8 @@ from ..precision import parse_precision
 from ..progress import task
 from ..runtime import autocast, resolve_device
 from ..runtimes import RUNTIMES, load_deployed
+from .metrics import good_classes
+from .operating import OperatingPoint, p_good
 
 
 @dataclass
@@ -26,7 +36,7 @@ class PredictConfig:
     checkpoint: str | None = option(None, help="A vitfab checkpoint or run folder.")
     model: str | None = option(None, help="A deploy folder (vitfab export) or .onnx file.")
     input: list[str] = option(default_factory=list, help="Image file or folder; repeatable.")
-    out: str = option("preds.csv", help="CSV: file, class, confidence, topk.")
+    out: str = option("preds.csv", help="CSV: file, class, confidence, topk, p_good, decision.")
     runtime: str = option("torch", help=f"One of {', '.join(RUNTIMES)} (onnxruntime: a deploy folder or .onnx file).")
     topk: int = option(3, help="How many classes to list per image.")
     batch_size: int = option(64, help="Images per forward pass.")
@@ -90,6 +100,7 @@ def predict_images(
     meta = model.vitfab_meta
     tf = eval_transform(meta.preprocess)
     k = max(1, min(topk, len(meta.classes)))
+    decide = decision_rule(meta)
     model.eval()
     rows, skipped = [], []
     with task("predict", total=len(paths), enabled=progress) as advance:
@@ -108,25 +119,54 @@ def predict_images(
                     logits = model(torch.stack(batch).to(device))
                 probs = logits.float().softmax(dim=-1).cpu()
                 top_p, top_i = probs.topk(k, dim=-1)
-                for name, ps, idx in zip(names, top_p.tolist(), top_i.tolist()):
+                verdicts = decide(logits.float().cpu().numpy())
+                for name, ps, idx, prob, verdict in zip(names, top_p.tolist(), top_i.tolist(), probs.numpy(),
+                                                        verdicts):
+                    reported = idx[0] if verdict is None else verdict[2]
                     rows.append({
                         "file": str(name),
-                        "class": meta.classes[idx[0]],
-                        "confidence": ps[0],
+                        "class": meta.classes[reported],
+                        "confidence": float(prob[reported]),
                         "topk": [(meta.classes[i], p) for i, p in zip(idx, ps)],
+                        "p_good": None if verdict is None else verdict[0],
+                        "decision": None if verdict is None else ("pass" if verdict[1] else "flag"),
                     })
             advance(min(batch_size, len(paths) - start))
     report_skipped(skipped)
     return rows, skipped
 
 
+def decision_rule(meta) -> Callable[[np.ndarray], list[tuple[float, bool, int] | None]]:
+    """``logits -> [(p_good, passed, reported class index) or None per image]``: at the recorded
+    operating point, else at the argmax class; all None where no class may pass."""
+    recorded = meta.extra.get("operating_point")
+    op = OperatingPoint.from_dict(recorded) if recorded else None
+    good = op.good_indices(meta.classes) if op else good_classes(meta.classes)
+    if not good:
+        return lambda logits: [None] * len(logits)
+    defect = [i for i in range(len(meta.classes)) if i not in good]
+
+    def rule(logits: np.ndarray):
+        pg = p_good(logits, op.temperature if op else 1.0, good)
+        passed = pg >= op.threshold if op else np.isin(logits.argmax(1), good)
+        out = []
+        for z, p, ok in zip(logits, pg, passed):
+            among = good if ok else defect
+            out.append((float(p), bool(ok), among[int(np.argmax(z[among]))]))
+        return out
+
+    return rule
+
+
 def write_predictions_csv(rows: list[dict[str, Any]], out: str | Path) -> Path:
-    """Columns: file, class, confidence, topk (``class:prob`` joined by ``|``)."""
+    """Columns: file, class, confidence, topk (``class:prob`` joined by ``|``), p_good and
+    decision (pass / flag; empty where the model has no good class)."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["file", "class", "confidence", "topk"])
+    w.writerow(["file", "class", "confidence", "topk", "p_good", "decision"])
     for r in rows:
         w.writerow([r["file"], r["class"], f"{r['confidence']:.6f}",
-                    "|".join(f"{c}:{p:.6f}" for c, p in r["topk"])])
+                    "|".join(f"{c}:{p:.6f}" for c, p in r["topk"]),
+                    "" if r.get("p_good") is None else f"{r['p_good']:.6f}", r.get("decision") or ""])
     write_text_atomic(out, buf.getvalue())
     return Path(out)

@@ -14,6 +14,7 @@ from ..data.transforms import Preprocess, eval_transform
 from ..progress import task
 from ..runtime import autocast, default_workers
 from .metrics import classification_metrics
+from .operating import OperatingPoint, operating_metrics
 
 
 class CachedBatches:
@@ -85,7 +86,8 @@ def evaluate_model(
     amp: str = "off",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Metrics of ``model`` on ``samples``.
+    """Metrics of ``model`` on ``samples``; where an operating point is recorded with the model,
+    also its escape and overkill there (``operating_point``: rates, counts, 95 % upper bounds).
 
     ``class_map[j]`` is the model output index of dataset class ``j`` (identity by default);
     metrics are over the model's classes ``classes``.
@@ -95,7 +97,11 @@ def evaluate_model(
         samples = [(p, int(class_map[y])) for p, y in samples]
     loader = make_eval_loader(root, samples, pre, batch_size)
     logits, targets = collect_logits(model, loader, device, amp, progress)
-    return classification_metrics(logits, targets, classes, good_class)
+    m = classification_metrics(logits, targets, classes, good_class)
+    recorded = getattr(model, "vitfab_meta", None) and model.vitfab_meta.extra.get("operating_point")
+    if recorded:
+        m["operating_point"] = operating_metrics(OperatingPoint.from_dict(recorded), logits, targets, classes)
+    return m
 
 
 def plot_confusion(metrics: dict[str, Any], path: str | Path, title: str = "") -> Path:

@@ -7,7 +7,8 @@ deploy/
                                   the graph; the metadata JSON rides in the model's metadata_props
   model.ts                        TorchScript (traced), dynamic batch
   deploy.json                     classes, preprocessing, architecture, ToMe schedule, precision,
-                                  files, and the parity measured at export (max |logit difference|
+                                  operating point (temperature and reject threshold, where
+                                  recorded), files, and the parity measured at export (max |logit difference|
                                   of each format against PyTorch fp32 on a batch of a size not
                                   used for tracing)
 
@@ -76,8 +77,6 @@ def example_input(model, batch: int, seed: int = 0) -> torch.Tensor:
 
 def export_onnx(model, path: Path, opset: int = OPSET, metadata: dict[str, Any] | None = None) -> Path:
     """The fp32 model (ToMe included) as ONNX with a dynamic batch axis."""
-    import onnx
-
     if opset < 17:
         raise VitfabError(f"--opset must be >= 17 (LayerNormalization), got {opset}")
     x = example_input(model, 2)
@@ -86,12 +85,21 @@ def export_onnx(model, path: Path, opset: int = OPSET, metadata: dict[str, Any] 
         torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
                           dynamo=False)
-    proto = onnx.load(str(path))
-    for key, value in (metadata or {}).items():
+    return set_onnx_metadata(path, path, metadata or {})
+
+
+def set_onnx_metadata(src: Path, dst: Path, metadata: dict[str, str]) -> Path:
+    """``src`` as ``dst`` with these metadata_props entries set (others kept)."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    kept = [(e.key, e.value) for e in proto.metadata_props if e.key not in metadata]
+    del proto.metadata_props[:]
+    for key, value in kept + list(metadata.items()):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
-    return path
+    onnx.save(proto, str(dst))
+    return dst
 
 
 def export_torchscript(model, path: Path) -> Path:
@@ -160,7 +168,8 @@ def export_deploy(source: str | Path, out: str | Path, formats: Sequence[str] = 
         info = {
             "format": DEPLOY_FORMAT, "source": str(source), "classes": list(meta.classes),
             "preprocess": meta.preprocess.to_dict(), "model": {"name": meta.name, "kwargs": meta.kwargs},
-            "tome": tome_info(model), "precision": precision, "opset": opset if "onnx" in formats else None,
+            "tome": tome_info(model), "precision": precision, "operating_point": meta.extra.get("operating_point"),
+            "opset": opset if "onnx" in formats else None,
             "files": {f: FILES[f] for f in ["safetensors", *formats] if f in FILES},
             "parity_max_abs_diff": diffs, "parity_tolerance": tolerance, "torch": torch.__version__,
             "seconds": round(time.perf_counter() - t0, 1),

@@ -64,6 +64,13 @@ def write_checkpoint(
     return meta_dict
 
 
+def copy_with_meta(src: str | Path, dst: str | Path, meta: dict[str, Any]) -> None:
+    """``src``'s weights file as ``dst`` with ``meta`` as its embedded metadata (the tensors bit for bit)."""
+    from safetensors.torch import load_file
+
+    save_file(load_file(str(src)), str(dst), metadata={"vitfab": json.dumps(meta)})
+
+
 def read_meta(path: str | Path) -> ModelMeta:
     weights = resolve_weights(Path(path))
     if weights.suffix != ".safetensors":

@@ -25,7 +25,7 @@ import yaml
 
 from ..data.split import Split
 from ..errors import VitfabError
-from ..evaluate.metrics import macro_f1
+from ..evaluate.metrics import metric_value
 from ..evaluate.runner import make_eval_loader
 from ..files import atomic_path, read_json, write_json_atomic, write_text_atomic
 from ..measure.speed import Timed, measure_speed
@@ -156,7 +156,7 @@ class SearchResult:
 class EvolutionarySearch:
     def __init__(self, supernet, loader, device: torch.device, limits: Limits, cfg: SearchConfig, out: str | Path,
                  progress: bool = True, metric: str = "top1"):
-        """``metric``: what scores a candidate on the validation split, top1 or macro_f1 (imbalanced data)."""
+        """``metric``: what scores a candidate on the validation split (one of ``evaluate.metrics.METRICS``)."""
         cfg.validate()
         self.metric = metric
         self.net, self.loader, self.device, self.limits, self.cfg = supernet, loader, device, limits, cfg
@@ -201,16 +201,14 @@ class EvolutionarySearch:
 
     @torch.inference_mode()
     def accuracy(self, arch: ArchConfig) -> float:
-        """The candidate's validation score with the supernet's weights (top-1 or macro-F1)."""
+        """The candidate's validation score with the supernet's weights (in ``metric``)."""
         self.net.set_arch(arch)
         preds, targets = [], []
         for x, y in self.loader:
             preds.append(self.net(x.to(self.device)).argmax(1).cpu())
             targets.append(torch.as_tensor(y))
         p, t = torch.cat(preds).numpy(), torch.cat(targets).numpy()
-        if self.metric == "macro_f1":
-            return macro_f1(t, p, self.num_classes)
-        return float((p == t).mean()) if len(t) else 0.0
+        return metric_value(self.metric, t, p, self.num_classes)
 
     def evaluate(self, arch: ArchConfig) -> Candidate:
         key = arch.short()

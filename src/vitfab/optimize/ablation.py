@@ -124,5 +124,5 @@ def ablation_record(row: AblationRow, m: Measurement, metrics: dict[str, Any], b
         joules_per_img=m.joules_per_img, energy_note=m.energy.reason, peak_memory_mb=m.peak_memory_mb,
         batch_size=m.batch_size, img_size=m.img_size, r_per_layer=(m.tome or {}).get("r_per_layer"),
         img_per_s_runs=m.img_per_s_runs, confusion_matrix=metrics["confusion_matrix"], classes=metrics["classes"],
-        escape_note=None if "escape_rate" in metrics else NO_GOOD,
+        escape_note=None if "escape_rate" in metrics else NO_GOOD, balanced_accuracy=metrics["balanced_accuracy"],
     )

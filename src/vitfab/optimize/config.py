@@ -11,6 +11,8 @@ import torch
 
 from ..data.split import DataSettings
 from ..errors import VitfabError
+from ..evaluate.metrics import METRICS
+from ..evaluate.operating import DEFAULT_MAX_OVERKILL, Ceilings
 from ..models import BASELINE
 from ..models.embed import EMBEDS
 from ..models.selection import METHODS
@@ -46,8 +48,8 @@ REFERENCE_SHARE = 0.15  # of the budget, at least, for each reference
 
 @dataclass
 class Requirement:
-    """What the chosen model must reach on validation, in the run's selection metric (top-1, or
-    macro-F1 on imbalanced data): an absolute value, or at most ``max_drop`` points below the
+    """What the chosen model must reach on validation, in the run's metric (``--metric``; by default
+    top-1, or macro-F1 on imbalanced data): an absolute value, or at most ``max_drop`` points below the
     reference it is measured from (the best reference by default)."""
 
     min_accuracy: float | None = None  # fraction in [0, 1]
@@ -78,8 +80,18 @@ class Requirement:
 class JobConfig(DataSettings):
     data: str | None = option(None, help="ImageFolder dataset; default: synthesise the X-ray set.")
     scale: str = option("small", help="small (64 px, minutes on a CPU) or full (224 px, the paper's setting).")
-    min_accuracy: float | None = option(None, help="Required validation top-1 (0-1, or percent).")
-    max_drop: float = option(1.0, help="Else: at most this many points below the DeiT-B/16 baseline.")
+    metric: str = option("auto", help="The accuracy metric of the requirement and of every selection: top1, macro_f1, "
+                                      "balanced_accuracy, or auto (macro_f1 where the classes are imbalanced, else "
+                                      "top1).")
+    min_accuracy: float | None = option(None, help="Required validation value of --metric (0-1, or percent).")
+    max_drop: float = option(1.0, help="Else: at most this many points below --requirement-from.")
+    max_escape: float | None = option(None, help="Escape ceiling, percent: at most this share of the defective "
+                                                 "validation images may pass at the model's calibrated operating point.")
+    max_overkill: float = option(DEFAULT_MAX_OVERKILL, help="Overkill ceiling, percent: at most this share of the "
+                                                            "good validation images may be flagged.")
+    min_recall: list[str] = option(default_factory=list, help="Recall floor CLASS=R of a defect class: at least R "
+                                                              "(a fraction or percent) of its images flagged; "
+                                                              "repeatable.")
     objective: str = option("throughput", help="What 'fastest' means: throughput, latency or energy.")
     device: str = option("auto", help="auto, cpu or cuda: where models train and are measured.")
     budget_minutes: float | None = option(None, help="Wall-clock budget; epochs and search size are scaled to fit "
@@ -144,7 +156,10 @@ class JobConfig(DataSettings):
 
     def validate(self) -> None:
         self.requirement().validate()
+        self.ceilings()
         checks = [
+            (self.metric in ("auto",) + METRICS,
+             f"--metric must be one of auto, {', '.join(METRICS)}, got '{self.metric}'"),
             (self.distill in DISTILL, f"--distill must be one of {', '.join(DISTILL)}, got '{self.distill}'"),
             (self.embed in JOB_EMBEDS, f"--embed must be one of {', '.join(JOB_EMBEDS)}, got '{self.embed}'"),
             (self.select in METHODS, f"--select must be one of {', '.join(METHODS)}, got '{self.select}'"),
@@ -172,6 +187,14 @@ class JobConfig(DataSettings):
             return None
         return INIT_SOURCES.get(self.space)
 
+    def ceilings(self) -> Ceilings:
+        """The escape and overkill ceilings and recall floors, as fractions."""
+        return Ceilings.from_percent(self.max_escape, self.max_overkill, self.min_recall)
+
+    def resolved_metric(self, imbalanced: bool) -> str:
+        """--metric, with auto following the imbalance rule."""
+        return self.metric if self.metric != "auto" else ("macro_f1" if imbalanced else "top1")
+
     def requirement(self) -> Requirement:
         return Requirement(self.min_accuracy, None if self.min_accuracy is not None else self.max_drop)
 
@@ -191,5 +214,5 @@ class JobConfig(DataSettings):
     def train_config(self, data: str, **kw) -> TrainConfig:
         """The training settings every stage shares (data, sizes, batch, seed, split), plus ``kw``."""
         tc = TrainConfig(data=data, img_size=self.img_size, patch_size=self.patch_size, batch_size=self.batch_size,
-                         device=self.device, **self.data_settings())
+                         device=self.device, select_on=self.metric, **self.data_settings())
         return dataclasses.replace(tc, **kw)

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..data.split import Split
 from ..data.synth import CLASSES
 from ..errors import VitfabError
-from ..evaluate.metrics import find_good_class
+from ..evaluate.metrics import good_classes
 from ..measure.counts import count_macs, count_params
 from ..models import create_model
 from ..models.arch import SearchSpace, arch_macs, arch_params
@@ -34,8 +34,9 @@ from .training_stages import LABELS
 from .summary import build_summary
 
 
-def check_job(config: JobConfig) -> tuple[JobConfig, Split | None]:
-    """Every check before the run folder is made: settings, device, objective, data and split."""
+def check_job(config: JobConfig, progress: bool = True) -> tuple[JobConfig, Split | None]:
+    """Every check before the run folder is made: settings, device, objective, data and split, the
+    good classes and the ceilings on them."""
     config = config.resolved()
     config.validate()
     device = resolve_device(config.device)
@@ -51,10 +52,9 @@ def check_job(config: JobConfig) -> tuple[JobConfig, Split | None]:
     if config.data is not None:
         tc = config.train_config(config.data)
         check_config(tc)
-        split = prepare_split(tc, True)
-        find_good_class(split.classes, config.good_class)
-    else:
-        find_good_class(CLASSES, config.good_class)
+        split = prepare_split(tc, progress)
+    classes = split.classes if split is not None else list(CLASSES)
+    config.ceilings().check(classes, good_classes(classes, config.good_class))
     return config, split
 
 
@@ -93,7 +93,7 @@ def check_space(config: JobConfig) -> None:
 
 def run_job(config: JobConfig, out: str | Path | None = None, progress: bool = True) -> Summary:
     """A new main job (see ``stages``); returns its summary."""
-    config, split = check_job(config)
+    config, split = check_job(config, progress)
     run = RunDir.create(Path(out).resolve() if out is not None else None, prefix="run")
     run.write_config({"kind": "main", "status": "running", "job": asdict(config)})
     console.print(f"run folder: {run.root}")

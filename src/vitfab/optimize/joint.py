@@ -1,11 +1,13 @@
 """The joint search: subnet x ToMe schedule x precision, measured, then the choice.
 
-Every combination is a ``JointCandidate``. Its validation top-1 is measured with ToMe applied
-off the shelf (no retraining) and the precision mode prepared as it would be deployed; its
-speed is measured on the target device with all candidates interleaved (A B C A B C ...), so
-drift on a shared machine hits them alike. The choice is a pure rule (``choose``): the best
-objective among the candidates whose validation top-1 meets the requirement; where none does,
-the most accurate one, flagged.
+Every combination is a ``JointCandidate``. Its validation metrics are measured with ToMe applied
+off the shelf (no retraining) and the precision mode prepared as it would be deployed, and where
+the data have a good class its operating point (temperature and reject threshold,
+``evaluate.operating``) is fitted on those same outputs; its speed is measured on the target
+device with all candidates interleaved (A B C A B C ...), so drift on a shared machine hits them
+alike. The choice is a pure rule (``choose``): the best objective among the candidates that meet
+the accuracy requirement and whose operating point meets the escape / overkill ceilings; where
+none does, the most accurate of those meeting the ceilings (else of all), flagged.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import VitfabError
-from ..evaluate.accuracy import prepared_scores
+from ..evaluate.accuracy import prepared_outputs, scores_of
+from ..evaluate.operating import OperatingPoint
 from ..evaluate.runner import CachedBatches
 from ..measure.counts import count_macs, count_params
 from ..measure.energy import MIN_WINDOW_SECONDS, EnergyUnavailable, open_energy_counter
@@ -43,14 +47,21 @@ class JointCandidate:
     r_per_layer: list[int] = field(default_factory=list)
     accuracy: float | None = None  # validation top-1
     macro_f1: float | None = None  # validation macro-F1
+    balanced_accuracy: float | None = None  # validation balanced accuracy
+    operating: dict[str, Any] | None = None  # its OperatingPoint fitted on validation (None: no good class)
     img_per_s: float | None = None
     latency_ms: float | None = None  # batch 1, median
     joules_per_img: float | None = None
     error: str | None = None  # could not run (unsupported mode, non-finite logits, unreachable schedule)
 
     def score(self, metric: str = "top1") -> float | None:
-        """The validation value the choice compares: top-1, or macro-F1 (imbalanced data)."""
-        return self.macro_f1 if metric == "macro_f1" else self.accuracy
+        """The validation value of one of ``evaluate.metrics.METRICS``."""
+        return {"top1": self.accuracy, "macro_f1": self.macro_f1, "balanced_accuracy": self.balanced_accuracy}[metric]
+
+    @property
+    def meets_ceilings(self) -> bool:
+        """Whether its operating point meets the escape / overkill ceilings (no good class: nothing to meet)."""
+        return self.operating is None or bool(self.operating["met"])
 
     @property
     def key(self) -> str:
@@ -88,15 +99,27 @@ def joint_front(cands: Sequence[JointCandidate], objective: str, metric: str = "
 
 def choose(cands: Sequence[JointCandidate], threshold: float, objective: str,
            metric: str = "top1") -> tuple[JointCandidate, bool]:
-    """The best objective with the validation metric >= threshold (ties: higher metric, then fewer
-    MACs); where no candidate meets it, the best on the metric and ``False``."""
+    """The best objective among the candidates with the validation metric >= threshold whose
+    operating point meets the ceilings (ties: higher metric, then fewer MACs); where none meets
+    both, the best on the metric of those meeting the ceilings (else of all), and ``False``."""
     ok = usable(cands, objective, metric)
     if not ok:
         raise VitfabError("no candidate of the joint search could be measured")
-    meeting = [c for c in ok if c.score(metric) >= threshold - 1e-12]
+    meeting = [c for c in ok if c.score(metric) >= threshold - 1e-12 and c.meets_ceilings]
     if meeting:
         return max(meeting, key=lambda c: (objective_value(c, objective), c.score(metric), -c.gmacs)), True
-    return max(ok, key=lambda c: (c.score(metric), objective_value(c, objective))), False
+    return max(ok, key=lambda c: (c.meets_ceilings, c.score(metric), objective_value(c, objective))), False
+
+
+def shortfall(cands: Sequence[JointCandidate], threshold: float, metric: str) -> str | None:
+    """Where no candidate meets both the accuracy requirement and the ceilings: which and by how much."""
+    fitted = [c for c in cands if c.operating is not None and c.error is None]
+    if not fitted or any(c.meets_ceilings and c.score(metric) >= threshold - 1e-12 for c in fitted):
+        return None
+    if not any(c.meets_ceilings for c in fitted):
+        best = min(fitted, key=lambda c: c.operating["overkill_rate"])
+        return f"no candidate meets the ceilings; the closest, {best.key}: {best.operating['shortfall']}"
+    return "the candidates whose operating point meets the ceilings all miss the accuracy requirement"
 
 
 def check_objective(objective: str, device: torch.device) -> None:
@@ -113,8 +136,9 @@ def check_objective(objective: str, device: torch.device) -> None:
             close()
 
 
-def _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar):
-    """Every (model, schedule, precision) with its validation top-1; and the prepared models."""
+def _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar, operating):
+    """Every (model, schedule, precision) with its validation metrics and operating point; and the
+    prepared models."""
     cands: list[JointCandidate] = []
     ready: list[tuple[JointCandidate, torch.nn.Module]] = []
     t = bar.add_task("joint search: accuracy", total=len(models) * len(schedules) * len(precisions), info="")
@@ -133,9 +157,13 @@ def _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar
                                    info["r_per_layer"] if info else [], error=err)
                 cands.append(c)
                 if err is None:
-                    m, scores, c.error = prepared_scores(merged, p, val_batches, device)
+                    m, outputs, c.error = prepared_outputs(merged, p, val_batches, device)
                     if m is not None:
+                        scores = scores_of(*outputs)
                         c.accuracy, c.macro_f1 = scores["top1"], scores["macro_f1"]
+                        c.balanced_accuracy = scores["balanced_accuracy"]
+                        fitted = operating(*outputs) if operating is not None else None
+                        c.operating = None if fitted is None else fitted.to_dict()
                         ready.append((c, m))
                 bar.update(t, advance=1, info=c.key)
     return cands, ready
@@ -154,15 +182,17 @@ def joint_search(
     latency_runs: int = 20,
     progress: bool = True,
     load: Callable[[str], torch.nn.Module] = load_model,
+    operating: Callable[[np.ndarray, np.ndarray], OperatingPoint] | None = None,
 ) -> list[JointCandidate]:
-    """Every (model, schedule, precision): validation top-1, then speed, interleaved.
+    """Every (model, schedule, precision): validation metrics, then speed, interleaved.
 
     ``models``: (label, checkpoint, arch description). ``load(checkpoint)`` gives the fp32 model
-    (default ``vitfab.load_model``).
+    (default ``vitfab.load_model``). ``operating(logits, targets)``: the operating point fitted on
+    a candidate's validation outputs (as prepared), where the data have a good class.
     """
     device = torch.device(device)
     with make_progress(progress) as bar:
-        cands, ready = _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar)
+        cands, ready = _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar, operating)
         if ready:
             items = [Timed(m, val_batches.image_size, batch_size) for _, m in ready]
             energy = MIN_WINDOW_SECONDS if objective == "energy" else None

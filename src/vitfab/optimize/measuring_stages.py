@@ -25,7 +25,7 @@ from ..train.config import checkpoint_model_args
 from .ablation import AblationRow, ablation_rows, default_bits, measure_ablation
 from .budget import search_size
 from .context import JobContext
-from .joint import JointCandidate, choose, joint_front, joint_search
+from .joint import JointCandidate, choose, joint_front, joint_search, shortfall
 from .results import (AblationResult, BaselineResult, DataResult, FinalResult, FinetuneResult, JointResult,
                       ReferencesResult, ReportResult, SearchedArch, SearchStageResult, SupernetResult)
 from .summary import build_summary
@@ -37,7 +37,7 @@ def stage_search(ctx: JobContext, data: DataResult, baseline: BaselineResult,
     net = load_supernet(supernet.run, ctx.device)
     val = ctx.loader(split, "val", net.vitfab_meta.preprocess)
     limits = Limits(max_params=baseline.params / c.min_reduction, max_gmacs=baseline.gmacs / c.min_reduction)
-    out, metric = ctx.run.stage_dir("search"), split.selection_metric()
+    out, metric = ctx.run.stage_dir("search"), data.metric
 
     def make():  # one candidate's accuracy pass, timed, sizes the search
         mid = net.space.sample(random.Random(c.seed))
@@ -90,7 +90,7 @@ def repeat_seconds(given: float | None, share: float | None, repeats: int, cap: 
 def stage_joint(ctx: JobContext, data: DataResult, baseline: BaselineResult, references: ReferencesResult,
                 finetune: FinetuneResult) -> JointResult:
     c, split = ctx.config, data.load_split()
-    metric = split.selection_metric()
+    metric = data.metric
     base_model = load_model(baseline.checkpoint)
     val = ctx.loader(split, "val", base_model.vitfab_meta.preprocess)
     fp32 = Precision.FP32
@@ -105,22 +105,29 @@ def stage_joint(ctx: JobContext, data: DataResult, baseline: BaselineResult, ref
     models = [(m.label, m.checkpoint, m.arch) for m in finetune.models]
     modes = c.precision_modes(ctx.device)
     timed = len(models) * len(c.tome_schedules()) * len(modes) * 3  # three interleaved repeats each
+    fit = data.operating_fitter(c.ceilings())
     cands = joint_search(models, c.tome_schedules(), modes, val, ctx.device, c.objective,
                          batch_size=default_batch(ctx.device), progress=ctx.progress,
-                         min_repeat_seconds=repeat_seconds(c.measure_seconds, ctx.budget.share("joint"), timed, 0.5))
+                         min_repeat_seconds=repeat_seconds(c.measure_seconds, ctx.budget.share("joint"), timed, 0.5),
+                         operating=fit)
     chosen, met = choose(cands, threshold, c.objective, metric)
+    missed = shortfall(cands, threshold, metric)
     warning = _weak_requirement(value, len(split.classes), how, metric)
     front = joint_front(cands, c.objective, metric)
     out = ctx.run.stage_dir("joint")
     out.mkdir(exist_ok=True)
     write_json_atomic(out / "candidates.json", [x.to_dict() for x in cands])
     name = METRIC_NAMES[metric]
+    op = chosen.operating
     console.print(f"joint search: {len(cands)} configurations, {len(front)} on the Pareto front; chosen "
-                  f"{chosen.key} (val {name} {100 * chosen.score(metric):.2f} %, {chosen.img_per_s:.0f} img/s)"
-                  + ("" if met else f" -- NO candidate meets the requirement: the best on {name} is kept"))
+                  f"{chosen.key} (val {name} {100 * chosen.score(metric):.2f} %, {chosen.img_per_s:.0f} img/s"
+                  + ("" if op is None else f", escape {100 * op['escape_rate']:.1f} %, overkill "
+                                           f"{100 * op['overkill_rate']:.1f} % at its operating point") + ")"
+                  + ("" if met else " -- NO candidate meets the requirement" + (f": {missed}" if missed else "")))
     return JointResult(metric, baseline_val, ref_val, source, warning, threshold,
                        c.requirement().describe(value, how, name), met, c.objective, [m.value for m in modes],
-                       c.tome_schedules(), chosen, [x.key for x in front], str(out / "candidates.json"))
+                       c.tome_schedules(), chosen, [x.key for x in front], str(out / "candidates.json"),
+                       c.ceilings().describe() if fit else None, chosen.meets_ceilings, missed)
 
 
 def stage_export(ctx: JobContext, final: FinalResult) -> DeployInfo:

@@ -7,11 +7,15 @@ stage reads another's output by string keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
 
 from ..data.split import Split
+from ..evaluate.operating import Ceilings, OperatingPoint, fit_operating_point
 from ..files import read_json
 from ..models.arch import ArchConfig
-from ..report.summary import AblationRecord, At224, DeployInfo, TestMetrics
+from ..report.summary import AblationRecord, At224, DeployInfo, QualityInfo, TestMetrics
 from .joint import JointCandidate
 
 
@@ -22,9 +26,19 @@ class DataResult:
     classes: list[str]
     images: dict[str, int]  # train / val / test
     split_file: str
+    metric: str = "top1"  # what the requirement and every selection compare (--metric, auto resolved)
+    good_classes: list[str] = field(default_factory=list)  # the classes whose images may pass
 
     def load_split(self) -> Split:
         return Split.load(self.split_file)
+
+    def operating_fitter(self, ceilings: Ceilings) -> Callable[[np.ndarray, np.ndarray], OperatingPoint] | None:
+        """``(logits, targets) -> OperatingPoint`` fitted to ``ceilings`` on the run's classes
+        (validation), or None where no class may pass."""
+        if not self.good_classes:
+            return None
+        good = [self.classes.index(g) for g in self.good_classes]
+        return lambda logits, targets: fit_operating_point(logits, targets, self.classes, good, ceilings)
 
 
 @dataclass(frozen=True)
@@ -41,15 +55,17 @@ class ReferenceModel:
     val_top1: float
     val_macro_f1: float
     start: str = "random weights"  # what its training started from
+    val_balanced_accuracy: float = 0.0
 
     def score(self, metric: str) -> float:
-        return self.val_macro_f1 if metric == "macro_f1" else self.val_top1
+        return {"top1": self.val_top1, "macro_f1": self.val_macro_f1,
+                "balanced_accuracy": self.val_balanced_accuracy}[metric]
 
 
 @dataclass(frozen=True)
 class ReferencesResult:
     models: list[ReferenceModel]
-    metric: str  # the run's selection metric: top1, or macro_f1 on imbalanced data
+    metric: str  # the run's metric (DataResult.metric)
     best: str | None  # label of the best reference on validation
     teacher: str | None  # the checkpoint the ViTs learn from (the best reference, or --teacher)
     teacher_label: str | None
@@ -131,7 +147,7 @@ class FinetuneResult:
 
 @dataclass(frozen=True)
 class JointResult:
-    metric: str  # what the requirement and the choice compare: top1, or macro_f1 (imbalanced data)
+    metric: str  # what the requirement and the choice compare (DataResult.metric)
     baseline_val: float  # the DeiT-B/16 baseline's validation value of that metric
     reference_val: dict[str, float]  # every reference's, by label
     requirement_source: str  # who set the requirement: a reference's label, or the baseline's
@@ -145,6 +161,9 @@ class JointResult:
     chosen: JointCandidate
     front: list[str]  # keys of the candidates on the Pareto front
     candidates_file: str
+    ceilings: str | None = None  # the escape / overkill ceilings and recall floors (None: no good class)
+    ceilings_met: bool = True  # whether the chosen candidate's operating point meets them
+    shortfall: str | None = None  # where no candidate met them all: which and by how much
 
     def candidates(self) -> list[JointCandidate]:
         return [JointCandidate.from_dict(c) for c in read_json(self.candidates_file)]
@@ -154,12 +173,13 @@ class JointResult:
 class FinalResult:
     run: str
     epochs: int
-    val_tuned: float  # the run's selection metric (top-1, or macro-F1 on imbalanced data) on validation
+    val_tuned: float  # the run's metric on validation
     val_off_the_shelf: float
     kept_tuned: bool
     checkpoint: str  # chosen/: the model as delivered (ToMe schedule and precision recorded)
     subnet_checkpoint: str  # the fine-tuned subnet before this stage
     test: TestMetrics
+    operating: dict[str, Any] | None = None  # the delivered model's OperatingPoint (fitted on validation)
 
     @property
     def val(self) -> float:
@@ -179,3 +199,4 @@ class ReportResult:
 
 
 ExportResult = DeployInfo  # the deploy folder, or why there is none
+QualityResult = QualityInfo  # operating points, bounds, calibration, the comparison to the best reference

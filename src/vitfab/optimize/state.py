@@ -12,7 +12,7 @@ from ..files import read_json, write_json_atomic
 from ..records import RecordError, from_json, to_json
 from .budget import Budget
 
-JOB_STATE_FORMAT = "vitfab-job-state/3"
+JOB_STATE_FORMAT = "vitfab-job-state/4"  # 4: the metric, good classes, operating points, quality
 
 
 class JobState:

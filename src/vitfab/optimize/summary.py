@@ -10,7 +10,7 @@ import torch
 from ..evaluate.accuracy import METRIC_NAMES
 from ..measure.measurement import device_name
 from ..report.summary import (AblationRecord, BudgetInfo, CandidateRow, ChosenInfo, DataInfo, DeviceInfo, JointInfo,
-                              ReferenceInfo, Summary, TeachingInfo)
+                              ReferenceInfo, Summary, TeachingInfo, metric_of)
 from .context import JobContext
 from .results import AblationResult, DataResult, FinalResult, JointResult, PilotResult, ReferencesResult
 
@@ -18,10 +18,11 @@ from .results import AblationResult, DataResult, FinalResult, JointResult, Pilot
 def _joint_info(joint: JointResult) -> JointInfo:
     front = set(joint.front)
     rows = [CandidateRow(c.key, c.model, c.accuracy, c.macro_f1, c.gmacs, c.img_per_s, c.latency_ms, c.joules_per_img,
-                         c.error, c.key in front, c.key == joint.chosen.key) for c in joint.candidates()]
+                         c.error, c.key in front, c.key == joint.chosen.key, c.balanced_accuracy, c.operating)
+            for c in joint.candidates()]
     return JointInfo(joint.metric, joint.requirement, joint.requirement_met, joint.requirement_source, joint.threshold,
                      joint.baseline_val, joint.reference_val, joint.warning, joint.objective, joint.schedules,
-                     joint.precisions, rows)
+                     joint.precisions, rows, joint.ceilings, joint.ceilings_met, joint.shortfall)
 
 
 def verdicts(rows: list[AblationRecord], metric: str) -> list[str]:
@@ -32,7 +33,7 @@ def verdicts(rows: list[AblationRecord], metric: str) -> list[str]:
     name = METRIC_NAMES[metric]
 
     def value(r):
-        return r.macro_f1 if metric == "macro_f1" else r.accuracy
+        return metric_of(r, metric) or 0.0
 
     return [f"{r.name.replace(' (reference)', '')} is both more accurate ({100 * value(r):.2f} % vs "
             f"{100 * value(chosen):.2f} % test {name}) and faster ({r.img_per_s:.0f} vs {chosen.img_per_s:.0f} img/s) "
@@ -72,7 +73,7 @@ def build_summary(ctx: JobContext, results: dict[str, Any], wall_seconds: float 
         chosen=ChosenInfo(ch.model, ch.arch, ch.tome, ch.precision, ch.r_per_layer, ch.params, ch.gmacs,
                           final.checkpoint, final.val, final.test),
         references=[ReferenceInfo(m.label, m.name, m.checkpoint, m.epochs, m.seconds, m.budget_seconds, m.val_top1,
-                                  m.val_macro_f1, m.start) for m in references.models],
+                                  m.val_macro_f1, m.start, m.val_balanced_accuracy) for m in references.models],
         teaching=TeachingInfo(references.teacher_label, references.teacher, pilot.mode, pilot.reason),
         verdicts=verdicts(rows, joint.metric),
         ablation=rows,
@@ -84,5 +85,6 @@ def build_summary(ctx: JobContext, results: dict[str, Any], wall_seconds: float 
         starts=starts(results),
         embed=pilot.embed,
         embed_reason=pilot.embed_reason,
+        quality=results.get("quality"),
         wall_seconds_this_call=wall_seconds,
     )

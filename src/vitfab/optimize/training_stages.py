@@ -8,8 +8,9 @@ from pathlib import Path
 
 from ..data.synth import SynthConfig, synthesize
 from ..errors import CheckpointError
-from ..evaluate.accuracy import METRIC_NAMES, validation_scores
-from ..evaluate.metrics import classification_metrics
+from ..evaluate.accuracy import METRIC_NAMES, scores_of, validation_outputs
+from ..evaluate.operating import OperatingPoint, operating_metrics
+from ..evaluate.metrics import classification_metrics, good_classes
 from ..evaluate.runner import collect_logits, plot_confusion
 from ..files import write_json_atomic
 from ..measure.counts import count_macs, count_params
@@ -73,19 +74,22 @@ def stage_data(ctx: JobContext) -> DataResult:
                       f"{meta['seconds']:.1f} s -> {data}")
     split = ctx.initial_split or prepare_split(c.train_config(data), ctx.progress)
     split.save(ctx.run.split_path)
+    metric = c.resolved_metric(split.imbalanced)
     if split.imbalanced:
-        console.print(f"imbalanced classes ({split.imbalance_ratio():.1f}:1): every stage trains class-balanced "
-                      f"and selects on macro-F1")
+        console.print(f"imbalanced classes ({split.imbalance_ratio():.1f}:1): every stage trains class-balanced")
+    console.print(f"metric of the requirement and every selection: {METRIC_NAMES[metric]}"
+                  + (" (--metric)" if c.metric != "auto" else " (the imbalance rule)"))
+    good = [split.classes[g] for g in good_classes(split.classes, c.good_class)]
     return DataResult(data, c.data is None, list(split.classes),
                       {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
-                      str(ctx.run.split_path))
+                      str(ctx.run.split_path), metric, good)
 
 
 def reference_config(ctx: JobContext, data: str, name: str, epochs: int = 1, time_limit: float | None = None,
                      pretrained: bool = False) -> TrainConfig:
     """The reference recipe: AdamW lr 1e-3, weight decay 0.05, cosine over the epochs, label smoothing
     0.1, flips and 90-degree rotations, mixed precision, batch 32, the epoch with the best validation
-    macro-F1 kept. A ViT reference keeps vitfab's small-data ViT settings (batch and warm-up of the
+    value of the run's metric kept. A ViT reference keeps vitfab's small-data ViT settings (batch and warm-up of the
     run, lr 5e-4, drop-path 0.1), a ViT at lr 1e-3 without warm-up does worse."""
     c = ctx.config
     vit = is_vit(create_model(name, num_classes=2, img_size=c.img_size))
@@ -93,13 +97,13 @@ def reference_config(ctx: JobContext, data: str, name: str, epochs: int = 1, tim
               else dict(patch_size=None, batch_size=32, lr=1e-3, warmup_epochs=0.0, drop_path=0.0))
     if pretrained:  # fine-tuning hub weights: the lower learning rate of a fine-tune
         recipe["lr"] = None
-    return c.train_config(data, model=name, weight_decay=0.05, label_smoothing=0.1, select_on="macro_f1",
+    return c.train_config(data, model=name, weight_decay=0.05, label_smoothing=0.1,
                           epochs=epochs, time_limit=time_limit, pretrained=pretrained, **recipe)
 
 
 def stage_references(ctx: JobContext, data: DataResult) -> ReferencesResult:
     c, split = ctx.config, data.load_split()
-    metric, names, models = split.selection_metric(), c.reference_names(), []
+    metric, names, models = data.metric, c.reference_names(), []
     share = ctx.budget.share("references")
     total = ctx.budget.seconds
     each = None if share is None else max(REFERENCE_SHARE * total, share / max(len(names), 1))
@@ -119,7 +123,7 @@ def stage_references(ctx: JobContext, data: DataResult) -> ReferencesResult:
         best = res.best_val
         models.append(ReferenceModel(name, label, str(res.run.root), str(res.run.find_checkpoint("best")), epochs,
                                      round(res.seconds, 1), each, best.get("val_top1", 0.0),
-                                     best.get("val_macro_f1", 0.0), start))
+                                     best.get("val_macro_f1", 0.0), start, best.get("val_balanced_accuracy", 0.0)))
         console.print(f"reference {label}: val {METRIC_NAMES[metric]} {100 * models[-1].score(metric):.2f} % after "
                       f"{epochs} epochs ({res.seconds:.0f} s)")
     return pick_teacher(models, metric, c.teacher)
@@ -181,7 +185,7 @@ def stage_pilot(ctx: JobContext, data: DataResult, references: ReferencesResult)
     for key, mode, emb in runs:
         tc = _pilot_student(ctx, data.data, mode, teacher, plan["epochs"], plan["fraction"], ctx.time_limit(each), emb)
         res = ctx.train_stage(ctx.run.stage_dir("pilot") / key, tc, split)
-        got[key] = res.best_val.get("val_macro_f1" if references.metric == "macro_f1" else "val_top1", 0.0)
+        got[key] = res.best_val.get(f"val_{references.metric}", 0.0)
     name, epochs = METRIC_NAMES[references.metric], plan["epochs"] * plan["fraction"]
     head = f"pilot: the smallest subnet, {epochs:.2g} epoch(s) per run, val {name} "
     scores = {k: got[k] for k in modes}
@@ -342,16 +346,23 @@ def stage_final(ctx: JobContext, data: DataResult, finetune: FinetuneResult, joi
     p = Precision(chosen.precision)
     tuned = load_model(res.run.find_checkpoint("best"))
     val = ctx.loader(split, "val", tuned.vitfab_meta.preprocess)
-    tuned_val = validation_scores(prepare_model(tuned, p, ctx.device), val, ctx.device, p)[metric]
-    keep_tuned = tuned_val >= chosen.score(metric)
+    outputs = validation_outputs(prepare_model(tuned, p, ctx.device), val, ctx.device, p)
+    tuned_val, fit = scores_of(*outputs)[metric], data.operating_fitter(c.ceilings())
+    tuned_op = fit(*outputs) if fit is not None else None  # refitted: the weights changed
+    # kept where validation is no worse, and its operating point still meets ceilings the choice met
+    keep_tuned = tuned_val >= chosen.score(metric) and (tuned_op is None or tuned_op.met or not chosen.meets_ceilings)
+    op = (None if tuned_op is None else tuned_op.to_dict()) if keep_tuned else chosen.operating
     source = res.run.find_checkpoint("best") if keep_tuned else Path(chosen.checkpoint)
     model = apply_spec(load_model(source), chosen.tome)
     save_checkpoint(ctx.run.chosen, model, {"precision": chosen.precision, "choice": chosen.to_dict(),
-                                            "fine_tuned_with_tome": keep_tuned, "run": str(ctx.run.root)})
+                                            "fine_tuned_with_tome": keep_tuned, "run": str(ctx.run.root)}
+                    | ({"operating_point": op} if op else {}))
     test = ctx.loader(split, "test", model.vitfab_meta.preprocess)
     logits, targets = collect_logits(prepare_model(model, p, ctx.device), test, ctx.device, progress=ctx.progress,
                                      description="test (chosen)")
     m = classification_metrics(logits, targets, model.vitfab_meta.classes, c.good_class)
+    if op:
+        m["operating_point"] = operating_metrics(OperatingPoint.from_dict(op), logits, targets, data.classes)
     write_json_atomic(ctx.run.chosen / "test.json", m)
     plot_confusion(m, ctx.run.report_dir / "confusion_chosen.png",
                    f"chosen: {chosen.arch}, {chosen.tome or 'no ToMe'}, {chosen.precision} (test)")
@@ -361,4 +372,4 @@ def stage_final(ctx: JobContext, data: DataResult, finetune: FinetuneResult, joi
                   f"{'kept' if keep_tuned else 'not kept'}; test top-1 {100 * m['top1']:.2f} %, macro-F1 "
                   f"{m['macro_f1']:.3f}")
     return FinalResult(str(res.run.root), e, tuned_val, chosen.score(metric), keep_tuned, str(ctx.run.chosen),
-                       chosen.checkpoint, TestMetrics.of(m))
+                       chosen.checkpoint, TestMetrics.of(m), op)

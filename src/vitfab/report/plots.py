@@ -14,10 +14,11 @@ from ..files import atomic_path
 from ..tome import resolve_schedule, token_counts
 from ..tome.patch import num_input_tokens
 from ..tome.visualize import patch_groups, render_groups
-from .summary import AblationRecord, CandidateRow
+from ..evaluate.accuracy import METRIC_NAMES
+from .summary import AblationRecord, CandidateRow, metric_of
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,11 +39,11 @@ def _log_x(ax, values: Sequence[float]) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -59,27 +60,30 @@ OBJECTIVE_AXIS = {"throughput": ("img_per_s", "img/s"), "latency": ("latency_ms"
 
 
 def plot_pareto(candidates: Sequence[CandidateRow], rows: Sequence[AblationRecord], path: Path,
-                threshold: float | None = None, objective: str = "throughput") -> Path:
-    """Left: the joint search on validation against the objective's own metric (every candidate,
-    the front, the choice). Right: the ablation rows on test, coloured by how many axes they use."""
-    plt = _plt()
+                threshold: float | None = None, objective: str = "throughput", metric: str = "top1") -> Path:
+    """Left: the joint search on validation, the run's metric against the objective's own measure
+    (every candidate, the front, the choice). Right: the ablation rows on test, coloured by how many
+    axes they use."""
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
     key, label = OBJECTIVE_AXIS.get(objective, OBJECTIVE_AXIS["throughput"])
-    ok = [c for c in candidates if c.accuracy is not None and getattr(c, key)]
+    ok = [c for c in candidates if metric_of(c, metric) is not None and getattr(c, key)]
+
+    def y(c):
+        return 100 * metric_of(c, metric)
+
     if ok:
-        a.scatter([getattr(c, key) for c in ok], [100 * c.accuracy for c in ok], s=18, c="#9aa7b1", label="candidate")
+        a.scatter([getattr(c, key) for c in ok], [y(c) for c in ok], s=18, c="#9aa7b1", label="candidate")
         fr = sorted((c for c in ok if c.front), key=lambda c: getattr(c, key))
-        a.plot([getattr(c, key) for c in fr], [100 * c.accuracy for c in fr], "-o", c="#1f77b4", ms=5,
-               label="Pareto front")
+        a.plot([getattr(c, key) for c in fr], [y(c) for c in fr], "-o", c="#1f77b4", ms=5, label="Pareto front")
         for c in ok:
             if c.chosen:
-                a.scatter([getattr(c, key)], [100 * c.accuracy], s=160, marker="*", c="#d62728", zorder=5,
-                          label="chosen")
+                a.scatter([getattr(c, key)], [y(c)], s=160, marker="*", c="#d62728", zorder=5, label="chosen")
         if threshold is not None:
             a.axhline(100 * threshold, ls="--", c="#2ca02c", lw=1, label="requirement")
         _log_x(a, [getattr(c, key) for c in ok])
     a.set_xlabel(label + ("" if key == "img_per_s" else " (lower is better)"))
-    a.set_ylabel("validation top-1 (%)")
+    a.set_ylabel(f"validation {METRIC_NAMES.get(metric, metric)} (%)")
     a.set_title("joint search: subnet x ToMe x precision")
     a.legend(fontsize=8)
     for i, r in enumerate(sorted(rows, key=lambda r: r.img_per_s)):
@@ -97,12 +101,12 @@ def plot_pareto(candidates: Sequence[CandidateRow], rows: Sequence[AblationRecor
     b.set_ylabel("test top-1 (%)")
     b.set_title("ablation (test split)")
     b.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_speedup(rows: Sequence[AblationRecord], path: Path) -> Path:
     """Throughput speedup over the baseline for every ablation row (log scale)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
     names = [r.name + ("  (chosen)" if r.chosen else "") for r in rows]
     vals = [r.speedup or 0.0 for r in rows]
@@ -115,7 +119,7 @@ def plot_speedup(rows: Sequence[AblationRecord], path: Path) -> Path:
     ax.axvline(1.0, c="k", lw=0.8)
     ax.set_xlabel("throughput speedup over DeiT-B/16 fp32 (log)")
     ax.set_title("speedup contribution per axis")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def readable_prefix(r_per_layer: Sequence[int], num_tokens: int, protected: int) -> int:
@@ -133,7 +137,7 @@ def readable_prefix(r_per_layer: Sequence[int], num_tokens: int, protected: int)
 def plot_tome_merges(model, split, schedule: str | None, path: Path, per_class: int = 2) -> Path:
     """A few test images of each class beside the chosen model's merged patch groups (after the
     deepest block where a quarter of the patches are still separate groups)."""
-    plt = _plt()
+    plt = pyplot()
     meta = model.vitfab_meta
     size = meta.preprocess.img_size
     r = resolve_schedule(model, schedule or 0)[1]
@@ -161,4 +165,4 @@ def plot_tome_merges(model, split, schedule: str | None, path: Path, per_class: 
         axes[i, j + 1].set_title(f"{len(np.unique(groups))} groups", fontsize=7)
     fig.suptitle(f"ToMe merges of the chosen model ({schedule or 'no ToMe'}): patch groups after block "
                  f"{blocks} of {len(r)}", fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -18,7 +18,10 @@ from ..files import write_text_atomic
 from ..rundir import RunDir
 from ..runtimes import load_model
 from .plots import plot_pareto, plot_speedup, plot_tome_merges
-from .summary import AblationRecord, Summary
+from .quality import quality_plots
+from .quality import operating_line as _operating_line
+from .quality import quality_lines, quality_section
+from .summary import AblationRecord, Summary, metric_of
 
 
 def _pct(v: float | None) -> str:
@@ -34,7 +37,7 @@ def _m(n: int | None) -> str:
 
 
 def ablation_table(rows: Sequence[AblationRecord]) -> list[str]:
-    out = ["| configuration | top-1 % | macro-F1 | escape % | overkill % | params | GMACs | img/s | speedup | "
+    out = ["| configuration | top-1 % | macro-F1 | escape % (argmax) | overkill % (argmax) | params | GMACs | img/s | speedup | "
            "p50 ms | p99 ms | J/img | peak MiB |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -55,8 +58,12 @@ def _header(s: Summary) -> list[str]:
          f"Data: `{d.data}`{' (synthetic X-ray package defects)' if d.synthetic else ''}: {len(d.classes)} classes, "
          f"{d.images.get('train')} train / {d.images.get('val')} val / {d.images.get('test')} test images at "
          f"{d.img_size} px, patch {d.patch_size} (scale `{d.scale}`).", "",
-         f"Requirement: {j.requirement}. Objective: {s.objective}. "
-         f"Met: **{'yes' if j.requirement_met else 'NO (the most accurate candidate is reported)'}**.", ""]
+         f"Requirement: {j.requirement}"
+         + (f"; at a calibrated operating point on validation: {j.ceilings}" if j.ceilings else "")
+         + f". Objective: {s.objective}. Met: **{'yes' if j.requirement_met else 'NO'}**"
+         + ("" if j.requirement_met else f" ({j.shortfall or 'no candidate meets the accuracy requirement'}; the "
+                                         f"candidate reported is the most accurate of those meeting the ceilings, "
+                                         f"else of all)") + ".", ""]
     if j.warning:
         L += [f"**Warning:** {j.warning}.", ""]
     L += [f"**{v}**" for v in s.verdicts] + ([""] if s.verdicts else [])
@@ -65,13 +72,16 @@ def _header(s: Summary) -> list[str]:
 
 def _chosen(s: Summary) -> list[str]:
     ch, t = s.chosen, s.chosen.test
-    rates = "" if t.escape_rate is None else f", escape {_pct(t.escape_rate)} %, overkill {_pct(t.overkill_rate)} %"
+    rates = "" if t.escape_rate is None else (f", at the argmax class escape {_pct(t.escape_rate)} %, overkill "
+                                              f"{_pct(t.overkill_rate)} %")
     L = ["## Chosen configuration", "",
          f"- architecture: `{ch.arch}` ({ch.model}), {_m(ch.params)} params, {ch.gmacs:.3f} GMACs with merging",
          f"- ToMe: `{ch.tome or 'none'}` (r per layer {ch.r_per_layer})",
          f"- precision: {ch.precision}",
          f"- validation {METRIC_NAMES.get(s.joint.metric, s.joint.metric)} {_pct(ch.val)} %; test top-1 "
-         f"{_pct(t.top1)} %, macro-F1 {t.macro_f1:.3f}{rates}"]
+         f"{_pct(t.top1)} %, macro-F1 {t.macro_f1:.3f}, balanced accuracy {_pct(t.balanced_accuracy)} %{rates}"]
+    if t.operating:
+        L.append(f"- {_operating_line(t.operating)}")
     row, base = s.chosen_row, s.baseline
     if row and base:
         L.append(f"- against the DeiT-B/16 fp32 baseline, both at {row.img_size} px and with the weights tested "
@@ -107,7 +117,8 @@ def _references(s: Summary) -> list[str]:
     L = ["## References", "",
          f"The models a user would otherwise train, on the same split: the reference recipe (AdamW lr 1e-3, weight "
          f"decay 0.05, cosine, label smoothing 0.1, flips and 90-degree rotations, mixed precision, batch 32; a ViT "
-         f"keeps vitfab's small-data ViT settings), the epoch with the best validation macro-F1 kept, and at least "
+         f"keeps vitfab's small-data ViT settings), the epoch with the best validation value of the run's metric "
+         f"kept, and at least "
          f"15 % of the budget each. The requirement is measured from {_source(s)}. Teacher of the ViTs: "
          f"{s.teaching.teacher or 'none'} (distillation: {s.teaching.distill}; {s.teaching.reason}). Patch embedding "
          f"of the supernet and its subnets: {s.embed} ({s.embed_reason}).", "",
@@ -116,7 +127,7 @@ def _references(s: Summary) -> list[str]:
          "|---|---|---|---|---|---|---|---|"]
     for ref in s.references:
         row = rows.get(f"{ref.label} (reference)")
-        test = None if row is None else (row.macro_f1 if s.joint.metric == "macro_f1" else row.accuracy)
+        test = None if row is None else metric_of(row, s.joint.metric)
         L.append(f"| {ref.label} (`{ref.name}`) | {ref.epochs} | {ref.seconds:.0f} | {_num(ref.budget_seconds, '{:.0f}')} "
                  f"| {_pct(ref.val_top1)} | {ref.val_macro_f1:.3f} | {_pct(test)} | "
                  f"{_num(None if row is None else row.img_per_s, '{:.1f}')} |")
@@ -166,13 +177,14 @@ def _joint(s: Summary) -> list[str]:
          f"baseline {_pct(j.baseline_val)} %"
          + "".join(f", {k} {_pct(v)} %" for k, v in j.reference_val.items())
          + f"; threshold {_pct(j.threshold)} % (from {_source(s)}).", "",
-         f"| configuration | val {METRIC_NAMES.get(j.metric, j.metric)} % | GMACs | img/s | p50 ms | front |",
-         "|---|---|---|---|---|---|"]
+         f"| configuration | val {METRIC_NAMES.get(j.metric, j.metric)} % | escape / overkill % at its operating "
+         f"point | GMACs | img/s | p50 ms | front |",
+         "|---|---|---|---|---|---|---|"]
     rank = {"latency": lambda c: c.latency_ms, "energy": lambda c: c.joules_per_img or float("inf")}.get(
         s.objective, lambda c: -c.img_per_s)
     shown = sorted(ok, key=rank)[:15]  # best on the objective first; the choice always listed
     shown += [c for c in ok if c.chosen and c not in shown]
-    L += [f"| {c.key} | {_pct(c.macro_f1 if j.metric == 'macro_f1' else c.accuracy)} | {c.gmacs:.3f} | "
+    L += [f"| {c.key} | {_pct(metric_of(c, j.metric))} | {_op_cell(c.operating)} | {c.gmacs:.3f} | "
           f"{c.img_per_s:.1f} | {c.latency_ms:.2f} | {'yes' if c.front else ''} |" for c in shown]
     errs = [c for c in j.candidates if c.error]
     return L + [""] + [f"- not measured: {c.key}: {c.error}" for c in errs] + ([""] if errs else [])
@@ -187,7 +199,31 @@ def _budget(s: Summary) -> list[str]:
     return L + ([f"- cut: {c}" for c in b.cuts] or ["- nothing was cut"]) + [""]
 
 
-SECTIONS = (_header, _chosen, _references, _ablation, _at_224, _deploy, _joint, _budget)
+def terminal_lines(s: Summary) -> list[str]:
+    """What ``vitfab run`` prints at the end: the ablation, the requirement, the choice, the confidence."""
+    ch, j, speedup = s.chosen, s.joint, s.primary_speedup
+    L = [f"\nrun folder: {s.run}", *ablation_table(s.ablation)]
+    if s.at_224:
+        at = s.at_224
+        L.append(f"at 224 px (random weights, speed only): {at.speedup:.1f}x DeiT-B/16 fp32, {at.params_reduction:.1f}x "
+                 f"fewer params, {at.macs_reduction:.1f}x fewer GMACs")
+    L.append(f"report: {Path(s.run) / 'report' / 'report.html'}; wall time: {s.wall_seconds_this_call:.0f} s")
+    L.append(f"requirement: {j.requirement}" + (f"; {j.ceilings} at the operating point" if j.ceilings else "")
+             + f" -> {'met' if s.requirement_met else 'NOT met'}" + (f" ({j.shortfall})" if j.shortfall else ""))
+    name = METRIC_NAMES.get(j.metric, j.metric)
+    L.append(f"chosen: {ch.arch} | ToMe {ch.tome or 'none'} | {ch.precision}: test {name} "
+             f"{_pct(metric_of(ch.test, j.metric))} %, top-1 {_pct(ch.test.top1)} %, macro-F1 {ch.test.macro_f1:.3f}"
+             + (f", {speedup:.1f}x DeiT-B/16 fp32 at {s.data.img_size} px" if speedup else ""))
+    return L + quality_lines(s) + [f"NOTE: {v}" for v in s.verdicts]
+
+
+def _op_cell(op) -> str:
+    if not op:
+        return "n/a"
+    return f"{_pct(op['escape_rate'])} / {_pct(op['overkill_rate'])}" + ("" if op["met"] else " (missed)")
+
+
+SECTIONS = (_header, _chosen, quality_section, _references, _ablation, _at_224, _deploy, _joint, _budget)
 
 
 def render_markdown(s: Summary, images: dict[str, str]) -> str:
@@ -215,9 +251,11 @@ def write_report(run_root: str | Path, summary: Summary) -> list[Path]:
     out = run.report_dir
     out.mkdir(parents=True, exist_ok=True)
     files = [plot_pareto(summary.joint.candidates, summary.ablation, out / "pareto.png", summary.joint.threshold,
-                         summary.objective)]
+                         summary.objective, summary.joint.metric)]
     if summary.ablation:
         files.append(plot_speedup(summary.ablation, out / "speedup.png"))
+    if summary.quality:
+        files += quality_plots(summary.quality, out)
     model = load_model(summary.chosen.checkpoint)
     files.append(plot_tome_merges(model, Split.load(run.split_path), summary.chosen.tome, out / "tome_merges.png"))
     confusion = out / "confusion_chosen.png"

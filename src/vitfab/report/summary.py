@@ -15,7 +15,8 @@ from ..errors import VitfabError
 from ..files import read_json, write_json_atomic
 from ..records import RecordError, from_json, to_json
 
-SUMMARY_FORMAT = "vitfab-summary/3"  # 2: references, teaching, verdicts, primary_speedup; 3: starts, embedding
+SUMMARY_FORMAT = "vitfab-summary/4"  # 2: references, teaching, verdicts, primary_speedup; 3: starts, embedding;
+# 4: the metric of choice, operating points, confidence bounds (quality)
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,16 @@ class DataInfo:
 class TestMetrics:
     top1: float
     macro_f1: float
-    escape_rate: float | None = None
+    escape_rate: float | None = None  # at the argmax class
     overkill_rate: float | None = None
+    balanced_accuracy: float | None = None
+    operating: dict[str, Any] | None = None  # rates, counts and upper bounds at the operating point
 
     @classmethod
     def of(cls, metrics: dict[str, Any]) -> "TestMetrics":
-        """From ``evaluate.classification_metrics``' dict."""
-        return cls(metrics["top1"], metrics["macro_f1"], metrics.get("escape_rate"), metrics.get("overkill_rate"))
+        """From ``evaluate.classification_metrics``' dict (and its ``operating_point`` entry)."""
+        return cls(metrics["top1"], metrics["macro_f1"], metrics.get("escape_rate"), metrics.get("overkill_rate"),
+                   metrics.get("balanced_accuracy"), metrics.get("operating_point"))
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class AblationRecord:
     confusion_matrix: list[list[int]]
     classes: list[str]
     escape_note: str | None = None
+    balanced_accuracy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -126,11 +131,13 @@ class CandidateRow:
     error: str | None
     front: bool
     chosen: bool
+    balanced_accuracy: float | None = None
+    operating: dict[str, Any] | None = None  # its operating point on validation
 
 
 @dataclass(frozen=True)
 class JointInfo:
-    metric: str  # top1, or macro_f1 on imbalanced data: what the requirement and the choice compare
+    metric: str  # top1, macro_f1 or balanced_accuracy: what the requirement and the choice compare
     requirement: str
     requirement_met: bool
     requirement_source: str  # the reference (label) or "baseline" the requirement is measured from
@@ -142,6 +149,9 @@ class JointInfo:
     schedules: list[str | None]
     precisions: list[str]
     candidates: list[CandidateRow]
+    ceilings: str | None = None  # escape / overkill ceilings and recall floors (None: no good class)
+    ceilings_met: bool = True
+    shortfall: str | None = None  # which ceiling no candidate met, and by how much
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,7 @@ class ReferenceInfo:
     val_top1: float
     val_macro_f1: float
     start: str = "random weights"
+    val_balanced_accuracy: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -188,6 +199,42 @@ class BudgetInfo:
 
 
 @dataclass(frozen=True)
+class OperatingRow:
+    """One model at its operating point: fitted on validation, measured on test."""
+
+    label: str
+    kind: str  # chosen | baseline | reference
+    operating: dict[str, Any] | None  # evaluate.operating.OperatingPoint, fitted on validation
+    test: dict[str, Any] | None  # rates, counts and 95 % upper bounds at it on the test split
+    curve: dict[str, list[float]]  # the test split's threshold sweep: threshold, escape, overkill
+    test_metric: float  # the run's accuracy metric on test, at the argmax
+
+
+@dataclass(frozen=True)
+class QualityInfo:
+    """The requirement as a quality engineer states it, and how sure the test split lets us be."""
+
+    metric: str
+    good_classes: list[str]
+    ceilings: str | None  # None: no class may pass, so no escape or overkill
+    rows: list[OperatingRow]
+    escape_claim: dict[str, Any] | None  # the escape ceiling, the defective test images a claim of it needs
+    comparison: dict[str, Any] | None  # chosen minus the best reference on test, paired bootstrap interval
+    calibration: dict[str, Any]  # the chosen model on test: ECE and reliability bins before / after scaling
+
+    def row(self, kind: str) -> OperatingRow | None:
+        return next((r for r in self.rows if r.kind == kind), None)
+
+
+def metric_of(record: Any, metric: str) -> float | None:
+    """One of the accuracy metrics (top1, macro_f1, balanced_accuracy) of a record that names top-1
+    ``accuracy`` (ablation rows, candidates) or ``top1`` (test metrics)."""
+    if metric == "top1":
+        return getattr(record, "accuracy") if hasattr(record, "accuracy") else record.top1
+    return getattr(record, metric, None)
+
+
+@dataclass(frozen=True)
 class Summary:
     run: str
     device: DeviceInfo
@@ -208,6 +255,7 @@ class Summary:
     starts: dict[str, str] = field(default_factory=dict)  # what each trained model started from
     embed: str = "patch"  # the supernet's (and its subnets') patch embedding
     embed_reason: str = ""
+    quality: QualityInfo | None = None
     wall_seconds_this_call: float | None = None
     format: str = SUMMARY_FORMAT
 

@@ -63,8 +63,9 @@ class TrainConfig(DataSettings):
     balance: str = option("auto", help="Imbalanced classes: sampler (class-balanced sampling), weights (loss "
                                        "re-weighting) or none; auto: sampler where the largest class has more "
                                        "than 3x the images of the smallest.")
-    select_on: str = option("auto", help="The validation metric that picks the best epoch: top1, macro_f1, or "
-                                         "auto (macro_f1 where the classes are imbalanced, else top1).")
+    select_on: str = option("auto", help="The validation metric that picks the best epoch: top1, macro_f1, "
+                                         "balanced_accuracy, or auto (macro_f1 where the classes are imbalanced, "
+                                         "else top1).")
     epoch_fraction: float = option(1.0, help="Share of the training images each epoch sees (fewer steps).")
     time_limit: float | None = option(None, help="Stop before an epoch that would end past this many seconds "
                                                  "(at the mean epoch time so far).")

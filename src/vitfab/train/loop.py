@@ -321,7 +321,8 @@ class Trainer:
                     "lr": self.optimizer.param_groups[0]["lr"],
                 }
                 if val is not None:
-                    record.update(val_loss=round(val["loss"], 6), val_top1=val["top1"], val_macro_f1=val["macro_f1"])
+                    record.update(val_loss=round(val["loss"], 6), val_top1=val["top1"], val_macro_f1=val["macro_f1"],
+                                  val_balanced_accuracy=val["balanced_accuracy"])
                     for key in ("escape_rate", "overkill_rate"):
                         if key in val:
                             record[f"val_{key}"] = val[key]
@@ -392,7 +393,8 @@ class Trainer:
 def _brief(val: dict[str, Any] | None) -> dict[str, Any]:
     if val is None:
         return {}
-    return {k: val[k] for k in ("top1", "macro_f1", "loss", "escape_rate", "overkill_rate") if k in val}
+    return {k: val[k] for k in ("top1", "macro_f1", "balanced_accuracy", "loss", "escape_rate", "overkill_rate")
+            if k in val}
 
 
 def check_config(config: TrainConfig) -> None:

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 BALANCE_MODES = ("auto", "none", "sampler", "weights")
-SELECT_METRICS = ("auto", "top1", "macro_f1")
+SELECT_METRICS = ("auto", "top1", "macro_f1", "balanced_accuracy")
 
 
 class ShareSampler(torch.utils.data.Sampler):
