@@ -89,6 +89,20 @@ def test_choice_rejects_a_faster_candidate_that_misses_a_ceiling():
     assert shortfall(none_meet, 0.5, "top1").startswith("no candidate meets the ceilings; the closest, fast")
 
 
+def test_operating_points_need_good_and_defective_validation_images():
+    from vitfab.data.split import Split
+    from vitfab.evaluate.operating import Ceilings
+    from vitfab.optimize.config import passable_classes
+
+    only_defects = Split("r", ["bad", "good"], [], [("a", 0), ("b", 0)], [])
+    assert passable_classes(only_defects, None, Ceilings()) == []  # warned: rates at the argmax only
+    with pytest.raises(VitfabError, match="val-fraction"):
+        passable_classes(only_defects, None, Ceilings(max_escape=0.02))
+    both = Split("r", ["bad", "good"], [], [("a", 0), ("b", 1)], [])
+    assert passable_classes(both, None, Ceilings(max_escape=0.02)) == ["good"]
+    assert passable_classes(Split("r", ["x", "y"], [], [("a", 0)], []), None, Ceilings()) == []
+
+
 def test_teacher_is_the_best_reference_on_validation():
     from vitfab.optimize.results import ReferenceModel
     from vitfab.optimize.training_stages import pick_teacher

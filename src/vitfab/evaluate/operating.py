@@ -77,7 +77,8 @@ class Ceilings:
         """Before any work: an escape ceiling needs a good class; a recall floor, a defect class."""
         if not good and (self.active or self.max_overkill < DEFAULT_MAX_OVERKILL / 100):
             raise VitfabError(f"--max-escape, --max-overkill and --min-recall need a good class (none of "
-                              f"{', '.join(classes)} is named good/normal/ok): name the passable ones with --good-class")
+                              f"{', '.join(classes)} is named good/normal/ok): name the passable ones with "
+                              f"--good-class")
         lowered = {c.lower(): i for i, c in enumerate(classes)}
         for name in self.min_recall:
             if name.lower() not in lowered:

@@ -107,7 +107,8 @@ def record_lines(record: dict[str, Any], where: str) -> list[str]:
     return [f"{record['images']} images of {record['data']}, ceilings {record['ceilings']}",
             f"before (recorded operating point): {_rates(record['before'])}",
             f"after  (p_good >= {op['threshold']:.4f}, T = {op['temperature']:.3f}): {_rates(record['after'])}",
-            ("ceilings met" if record["met"] else f"ceilings NOT met: {record['shortfall']}") + f"; written into {where}"]
+            ("ceilings met" if record["met"] else f"ceilings NOT met: {record['shortfall']}")
+            + f"; written into {where}"]
 
 
 def write_operating_point(folder: str | Path, op: dict[str, Any], record: dict[str, Any] | None = None) -> None:

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from ..data.split import DataSettings
+from ..data.split import DataSettings, Split
 from ..errors import VitfabError
-from ..evaluate.metrics import METRICS
+from ..evaluate.metrics import METRICS, good_classes
 from ..evaluate.operating import DEFAULT_MAX_OVERKILL, Ceilings
 from ..models import BASELINE
 from ..models.embed import EMBEDS
@@ -19,6 +19,7 @@ from ..models.selection import METHODS
 from ..nas.train import check_supernet_start
 from ..options import option
 from ..precision import Precision, parse_precision, useful_precisions, with_reference
+from ..progress import console
 from ..runtime import resolve_device
 from ..tome import parse_tome_spec
 from ..train import TrainConfig
@@ -76,6 +77,24 @@ class Requirement:
         return text
 
 
+def passable_classes(split: Split, good_class: str | None, ceilings: Ceilings) -> list[str]:
+    """The good classes an operating point is fitted on: none where the data have none, or where the
+    validation split lacks good or defective images (said in a line; an error where ceilings ask
+    for an operating point)."""
+    good = good_classes(split.classes, good_class)
+    ceilings.check(split.classes, good)
+    counts = split.class_counts()["val"]
+    n_good = sum(counts[split.classes[g]] for g in good)
+    if good and (n_good == 0 or n_good == len(split.val)):
+        why = (f"the validation split has {n_good} good and {len(split.val) - n_good} defective images: no operating "
+               f"point can be fitted")
+        if ceilings.active:
+            raise VitfabError(f"{why}; give more images or a larger --val-fraction")
+        console.print(f"[yellow]warning:[/yellow] {why}; escape and overkill are reported at the argmax only")
+        return []
+    return [split.classes[g] for g in good]
+
+
 @dataclass
 class JobConfig(DataSettings):
     data: str | None = option(None, help="ImageFolder dataset; default: synthesise the X-ray set.")
@@ -86,7 +105,8 @@ class JobConfig(DataSettings):
     min_accuracy: float | None = option(None, help="Required validation value of --metric (0-1, or percent).")
     max_drop: float = option(1.0, help="Else: at most this many points below --requirement-from.")
     max_escape: float | None = option(None, help="Escape ceiling, percent: at most this share of the defective "
-                                                 "validation images may pass at the model's calibrated operating point.")
+                                                 "validation images may pass at the model's calibrated operating "
+                                                 "point.")
     max_overkill: float = option(DEFAULT_MAX_OVERKILL, help="Overkill ceiling, percent: at most this share of the "
                                                             "good validation images may be flagged.")
     min_recall: list[str] = option(default_factory=list, help="Recall floor CLASS=R of a defect class: at least R "

@@ -26,7 +26,7 @@ from ..report.summary import Summary
 from ..rundir import RunDir
 from ..runtime import resolve_device
 from ..train.loop import check_config, prepare_split
-from .config import JobConfig
+from .config import JobConfig, passable_classes
 from .context import JobContext, run_stages
 from .joint import check_objective
 from .stages import PIPELINE
@@ -53,8 +53,9 @@ def check_job(config: JobConfig, progress: bool = True) -> tuple[JobConfig, Spli
         tc = config.train_config(config.data)
         check_config(tc)
         split = prepare_split(tc, progress)
-    classes = split.classes if split is not None else list(CLASSES)
-    config.ceilings().check(classes, good_classes(classes, config.good_class))
+        passable_classes(split, config.good_class, config.ceilings())
+    else:  # the synthetic set's split is made in the data stage, which checks it again
+        config.ceilings().check(CLASSES, good_classes(list(CLASSES), config.good_class))
     return config, split
 
 

@@ -10,7 +10,7 @@ from ..data.synth import SynthConfig, synthesize
 from ..errors import CheckpointError
 from ..evaluate.accuracy import METRIC_NAMES, scores_of, validation_outputs
 from ..evaluate.operating import OperatingPoint, operating_metrics
-from ..evaluate.metrics import classification_metrics, good_classes
+from ..evaluate.metrics import classification_metrics
 from ..evaluate.runner import collect_logits, plot_confusion
 from ..files import write_json_atomic
 from ..measure.counts import count_macs, count_params
@@ -28,7 +28,7 @@ from ..tome import apply_spec
 from ..train import TrainConfig
 from ..train.loop import build_model, prepare_split
 from .budget import probe_train_speed
-from .config import REFERENCE_SHARE
+from .config import REFERENCE_SHARE, passable_classes
 from .context import JobContext
 from .results import (BaselineResult, DataResult, FinalResult, FinetunedModel, FinetuneResult, JointResult,
                       PilotResult, ReferenceModel, ReferencesResult, SearchStageResult, SupernetResult)
@@ -79,7 +79,7 @@ def stage_data(ctx: JobContext) -> DataResult:
         console.print(f"imbalanced classes ({split.imbalance_ratio():.1f}:1): every stage trains class-balanced")
     console.print(f"metric of the requirement and every selection: {METRIC_NAMES[metric]}"
                   + (" (--metric)" if c.metric != "auto" else " (the imbalance rule)"))
-    good = [split.classes[g] for g in good_classes(split.classes, c.good_class)]
+    good = passable_classes(split, c.good_class, c.ceilings())
     return DataResult(data, c.data is None, list(split.classes),
                       {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
                       str(ctx.run.split_path), metric, good)
@@ -89,8 +89,8 @@ def reference_config(ctx: JobContext, data: str, name: str, epochs: int = 1, tim
                      pretrained: bool = False) -> TrainConfig:
     """The reference recipe: AdamW lr 1e-3, weight decay 0.05, cosine over the epochs, label smoothing
     0.1, flips and 90-degree rotations, mixed precision, batch 32, the epoch with the best validation
-    value of the run's metric kept. A ViT reference keeps vitfab's small-data ViT settings (batch and warm-up of the
-    run, lr 5e-4, drop-path 0.1), a ViT at lr 1e-3 without warm-up does worse."""
+    value of the run's metric kept. A ViT reference keeps vitfab's small-data ViT settings (batch and
+    warm-up of the run, lr 5e-4, drop-path 0.1), a ViT at lr 1e-3 without warm-up does worse."""
     c = ctx.config
     vit = is_vit(create_model(name, num_classes=2, img_size=c.img_size))
     recipe = (dict(patch_size=c.patch_size, lr=5e-4, warmup_epochs=min(1.0, epochs / 5), drop_path=0.1) if vit

@@ -48,7 +48,6 @@ def quality_section(s: Summary) -> list[str]:
     q = s.quality
     if q is None:
         return []
-    name = METRIC_NAMES.get(q.metric, q.metric)
     L = ["## Inspection requirement and confidence", ""]
     if q.ceilings:
         L += [f"Good (passable) classes: {', '.join(q.good_classes)}; every other class is a defect. Ceilings: "
@@ -84,7 +83,7 @@ def quality_section(s: Summary) -> list[str]:
         L += ["No class of this data set may pass (none is named good/normal/ok; `--good-class` names them), so "
               "there is no escape, overkill or operating point.", ""]
     if q.comparison:
-        L += [f"**{comparison_line(q.comparison)}** (the best reference: {q.comparison['reference']}, in {name}).", ""]
+        L += [f"**{comparison_line(q.comparison)[0].upper() + comparison_line(q.comparison)[1:]}**.", ""]
     return L + [calibration_line(q.calibration)[0].upper() + calibration_line(q.calibration)[1:] + ".", ""]
 
 
@@ -99,8 +98,9 @@ def plot_escape_overkill(q: QualityInfo, path: Path) -> Path:
         ax.plot([100 * v for v in r.curve["overkill"]], [100 * v for v in r.curve["escape"]], "-", c=colour,
                 lw=1.3, label=r.label)
         t = r.test
-        ax.scatter([100 * t["overkill_rate"]], [100 * t["escape_rate"]], s=90, marker="*" if r.kind == "chosen"
-                   else "o", c=colour, zorder=4, edgecolors="k", linewidths=0.5)
+        if t["overkill_rate"] is not None and t["escape_rate"] is not None:
+            ax.scatter([100 * t["overkill_rate"]], [100 * t["escape_rate"]], s=90, zorder=4, edgecolors="k",
+                       marker="*" if r.kind == "chosen" else "o", c=colour, linewidths=0.5)
     ceilings = q.rows[0].operating["ceilings"] if q.rows and q.rows[0].operating else None
     if ceilings:
         if ceilings["max_escape"] is not None:

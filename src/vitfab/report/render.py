@@ -211,8 +211,10 @@ def terminal_lines(s: Summary) -> list[str]:
     L.append(f"requirement: {j.requirement}" + (f"; {j.ceilings} at the operating point" if j.ceilings else "")
              + f" -> {'met' if s.requirement_met else 'NOT met'}" + (f" ({j.shortfall})" if j.shortfall else ""))
     name = METRIC_NAMES.get(j.metric, j.metric)
-    L.append(f"chosen: {ch.arch} | ToMe {ch.tome or 'none'} | {ch.precision}: test {name} "
-             f"{_pct(metric_of(ch.test, j.metric))} %, top-1 {_pct(ch.test.top1)} %, macro-F1 {ch.test.macro_f1:.3f}"
+    head = "" if j.metric == "top1" else f"{name} {_pct(metric_of(ch.test, j.metric))} %, "
+    tail = "" if j.metric == "macro_f1" else f", macro-F1 {ch.test.macro_f1:.3f}"
+    L.append(f"chosen: {ch.arch} | ToMe {ch.tome or 'none'} | {ch.precision}: test {head}top-1 "
+             f"{_pct(ch.test.top1)} %{tail}"
              + (f", {speedup:.1f}x DeiT-B/16 fp32 at {s.data.img_size} px" if speedup else ""))
     return L + quality_lines(s) + [f"NOTE: {v}" for v in s.verdicts]
 
