@@ -71,11 +71,6 @@ def _macro(f1: np.ndarray, support: np.ndarray) -> float:
     return float(f1[present].mean()) if present.any() else 0.0
 
 
-def macro_f1(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
-    """Mean F1 over the classes that occur in ``targets``."""
-    return metric_value("macro_f1", targets, preds, num_classes)
-
-
 def metric_value(metric: str, targets: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
     """One of ``METRICS`` from the argmax predictions."""
     targets, preds = np.asarray(targets, dtype=np.int64), np.asarray(preds, dtype=np.int64)
