@@ -13,6 +13,7 @@ LAYERS = [
     {"errors"},
     {"files", "records", "progress"},
     {"runtime", "rundir", "options"},
+    {"lock"},
     {"data"},
     {"models"},
     {"tome", "precision"},
@@ -23,6 +24,7 @@ LAYERS = [
     {"nas"},
     {"report"},
     {"optimize"},
+    {"boundary"},
     {"cli"},
     {"__main__", "__init__"},
 ]

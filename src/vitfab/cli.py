@@ -22,6 +22,7 @@ from typing import Any, Callable, List, Optional
 import typer
 from rich.console import Console
 
+from .data.images import ScanOptions
 from .data.synth import SynthConfig
 from .errors import VitfabError
 from .evaluate.api import EvalConfig
@@ -39,7 +40,8 @@ from .options import opt_of
 from .train.config import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Make Vision Transformers cheap enough for the inspection line.")
+                  help="Make Vision Transformers cheap enough for the inspection line. Errors are one "
+                       "line; add --debug anywhere (or set VITFAB_DEBUG=1) for the traceback.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthesise, inspect.")
 nas_app = typer.Typer(no_args_is_help=True, help="Architecture search (AutoFormer): train a supernet, search, extract.")
 tome_app = typer.Typer(no_args_is_help=True, help="Token merging (ToMe): visualise merges.")
@@ -399,16 +401,13 @@ def data_synth(config: SynthConfig, out, progress):
     _say(f"{n} images ({len(config.classes)} classes, {config.img_size} px) in {meta['seconds']:.1f} s -> {out}")
 
 
-@command(data_app, ("data", "info"), {}, (
-    Extra("data", Path, typer.Argument(..., help="ImageFolder dataset.")),
-    Extra("skip_bad_images", bool, typer.Option(False, "--skip-bad-images/--no-skip-bad-images",
-                                                help="Skip unreadable images with a warning.")),
-    _json(), PROGRESS))
-def data_info(data, skip_bad_images, as_json, progress):
+@command(data_app, ("data", "info"), {"scan": ScanOptions}, (
+    Extra("data", Path, typer.Argument(..., help="ImageFolder dataset.")), _json(), PROGRESS))
+def data_info(scan: ScanOptions, data, as_json, progress):
     """Check every image; print class counts and the imbalance ratio."""
     from .data.images import scan_checked
 
-    index = scan_checked(data, skip_bad_images, progress)
+    index = scan_checked(data, scan.skip_bad_images, progress, max_pixels=scan.max_image_pixels)
     counts = index.class_counts()
     ratio = max(counts.values()) / max(min(counts.values()), 1)
     if as_json:
@@ -421,21 +420,11 @@ def data_info(data, skip_bad_images, as_json, progress):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors print one line on stderr and exit 2, never a traceback.
+    """Entry point behind ``vitfab.boundary``: user and environment errors are one line on stderr and
+    exit 2, never a traceback (``--debug`` shows it); usage errors are typer's own, also 2."""
+    from .boundary import guarded
 
-    Usage errors (unknown option, missing value) are reported by typer itself, also with 2.
-    """
-    try:
-        app(args=argv, prog_name="vitfab")
-    except SystemExit as exc:  # typer's standalone mode: --help, usage errors, Exit
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except VitfabError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        return 130
-    return 0
+    return guarded(lambda args: app(args=args, prog_name="vitfab"), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

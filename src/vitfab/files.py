@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -10,23 +11,53 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import EnvironmentFailure, errno_of
+
+
+@contextmanager
+def writing(path: str | os.PathLike, nbytes: int | None = None) -> Iterator[None]:
+    """Name the destination (and the size, where known) in an environment failure of the write
+    inside: it leaves as :class:`EnvironmentFailure` from the writer's own error. Nested, the
+    outermost destination is named (the folder a user knows, not a temporary file in it). An error
+    on a file elsewhere, or a missing file (a read inside the block), keeps its own name."""
+    try:
+        yield
+    except EnvironmentFailure as exc:
+        if not _beside(exc.path, path):
+            raise
+        raise EnvironmentFailure(exc.code, str(path), exc.nbytes or nbytes, exc.detail) from exc.__cause__
+    except Exception as exc:
+        found = errno_of(exc)
+        if found is None or found[0] == errno.ENOENT or not _beside(found[1], path):
+            raise
+        raise EnvironmentFailure(found[0], str(path), nbytes, str(exc).splitlines()[0] if str(exc) else "") from exc
+
+
+def _beside(name: str | None, path: str | os.PathLike) -> bool:
+    """Whether an error's file is ``path``, in it, or beside it (its temporary copy); True unnamed."""
+    if name is None:
+        return True
+    parent = Path(os.path.abspath(path)).parent
+    return Path(os.path.abspath(name)).is_relative_to(parent)
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, path)
+        finally:
+            if tmp_path.exists():
+                tmp_path.unlink()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -50,25 +81,26 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     instant either ``path`` or ``<path>.prev`` holds a complete copy (see :func:`existing_dir`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    prev = path.with_name(path.name + ".prev")
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if path.exists():
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        prev = path.with_name(path.name + ".prev")
+        try:
+            yield tmp
+            for f in tmp.iterdir():
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            if path.exists():
+                if prev.exists():
+                    shutil.rmtree(prev)
+                os.replace(path, prev)
+            os.replace(tmp, path)
             if prev.exists():
                 shutil.rmtree(prev)
-            os.replace(path, prev)
-        os.replace(tmp, path)
-        if prev.exists():
-            shutil.rmtree(prev)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
 
 
 def existing_dir(path: str | os.PathLike) -> Path | None:

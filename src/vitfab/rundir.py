@@ -27,6 +27,7 @@ WEIGHTS_FILE, META_FILE, TRAIN_STATE_FILE = "model.safetensors", "meta.json", "t
 DEPLOY_FILE, ONNX_FILE, TORCHSCRIPT_FILE = "deploy.json", "model.onnx", "model.ts"
 CONFIG_FILE, SPLIT_FILE, METRICS_FILE = "config.json", "split.json", "metrics.jsonl"
 JOB_STATE_FILE, SUMMARY_FILE = "state.json", "summary.json"
+LOCK_FILE = ".lock"  # the run folder's writer lock (``vitfab.lock``)
 KINDS = ("train", "main", "checkpoint", "deploy", "onnx", "weights")
 
 
@@ -146,7 +147,7 @@ class RunDir:
                 n += 1
                 root = Path("runs") / f"{prefix}-{stamp}-{n}"
         root = Path(root)
-        if root.exists() and any(root.iterdir()):
+        if root.exists() and any(p.name != LOCK_FILE for p in root.iterdir()):
             raise VitfabError(
                 f"run folder {root} already exists and is not empty "
                 "(use --resume to continue it, or choose another --out)"

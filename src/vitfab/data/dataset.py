@@ -11,7 +11,11 @@ from .images import load_image
 
 
 class ImageListDataset(Dataset):
-    """``(image_tensor, class_index)`` for ``(relative_path, class_index)`` samples under ``root``."""
+    """``(image_tensor, class_index)`` for ``(relative_path, class_index)`` samples under ``root``.
+
+    The samples come from a scan (a :class:`Split` is one) that has already refused images above
+    the run's ``--max-image-pixels``, so they are read without a limit of their own.
+    """
 
     def __init__(self, root: str | Path, samples: Sequence[tuple[str, int]], transform: Callable):
         self.root = Path(root)
@@ -23,7 +27,7 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, i: int):
         path, y = self.samples[i]
-        return self.transform(load_image(self.root / path)), y
+        return self.transform(load_image(self.root / path, max_pixels=None)), y
 
     @property
     def targets(self) -> list[int]:

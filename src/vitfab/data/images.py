@@ -2,18 +2,46 @@
 
 from __future__ import annotations
 
+import errno
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DataError
+from ..errors import DataError, VitfabError
+from ..options import option
 from ..progress import console, task
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SKIP_HINT = "use --skip-bad-images to skip such files"
+MAX_IMAGE_PIXELS = 178_956_970  # PIL's own default limit (a decompression bomb above it)
+
+
+def skip_bad_option() -> bool:
+    """The ``--skip-bad-images`` field of every config that reads images."""
+    return option(False, help="Skip unreadable images with a warning.")
+
+
+def max_pixels_option() -> int:
+    """The ``--max-image-pixels`` field of every config that reads images."""
+    return option(MAX_IMAGE_PIXELS, help="Refuse images of more pixels (width x height) than this, before decoding "
+                                         "them (a 20,000 x 20,000 image decodes to 1.2 GB of RGB); default PIL's limit.")
+
+
+@dataclass
+class ScanOptions:
+    """How a folder of labelled images is checked (``vitfab data info``)."""
+
+    skip_bad_images: bool = skip_bad_option()
+    max_image_pixels: int = max_pixels_option()
+
+
+def check_max_pixels(max_pixels: int | None) -> None:
+    if max_pixels is not None and max_pixels < 1:
+        raise VitfabError(f"--max-image-pixels must be at least 1, got {max_pixels}")
 
 
 def is_image_file(path: Path) -> bool:
@@ -43,16 +71,36 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image fully (a truncated file fails here, not later) and return it as RGB."""
+@contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    """PIL's global decompression-bomb limit off while :func:`load_image` applies its own."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def load_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image fully (a truncated file fails here, not later) and return it as RGB.
+
+    An image of more than ``max_pixels`` pixels is refused from its header, before decoding;
+    ``None``: no limit (for images a scan has already checked).
+    """
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with _own_pixel_limit(), Image.open(path) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise DataError(f"image too large: {path} is {img.width} x {img.height} = {img.width * img.height:,} "
+                                f"pixels, above the limit of {max_pixels:,} (--max-image-pixels)")
             img.load()
             return to_rgb(img)
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise  # the machine's limit, not this image (vitfab.boundary says so)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"unreadable image {path}: {reason}") from None
 
@@ -94,15 +142,16 @@ def check_images(
     paths: Iterable[Path],
     skip_bad: bool,
     on_progress: Callable[[], None] | None = None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> tuple[list[Path], list[tuple[str, str]]]:
     """Decode each image; return the good ones and the (path, reason) of the skipped ones.
 
-    Without ``skip_bad`` the first unreadable image raises :class:`DataError`.
+    Without ``skip_bad`` the first unreadable (or too large) image raises :class:`DataError`.
     """
     good, skipped = [], []
     for p in paths:
         try:
-            load_image(p)
+            load_image(p, max_pixels)
             good.append(p)
         except DataError as exc:
             if not skip_bad:
@@ -119,6 +168,7 @@ def scan_image_folder(
     validate: bool = True,
     on_progress: Callable[[], None] | None = None,
     classes: list[str] | None = None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> ImageFolderIndex:
     """Index an ImageFolder dataset, checking every image can be decoded.
 
@@ -150,7 +200,7 @@ def scan_image_folder(
     for y, name in enumerate(classes):
         paths = per_class[name]
         if validate:
-            paths, bad = check_images(paths, skip_bad, on_progress)
+            paths, bad = check_images(paths, skip_bad, on_progress, max_pixels)
             skipped.extend(bad)
             if not paths and per_class[name]:
                 raise DataError(f"class folder {root / name} has no readable images")
@@ -174,10 +224,13 @@ def report_skipped(skipped: list[tuple[str, str]]) -> None:
 
 
 def scan_checked(
-    root: str | Path, skip_bad: bool = False, progress: bool = True, classes: list[str] | None = None
+    root: str | Path, skip_bad: bool = False, progress: bool = True, classes: list[str] | None = None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> ImageFolderIndex:
     """:func:`scan_image_folder` with a progress bar and the skipped-images warning."""
+    check_max_pixels(max_pixels)
     with task("checking images", total=count_images(root), enabled=progress) as advance:
-        index = scan_image_folder(root, skip_bad=skip_bad, on_progress=advance, classes=classes)
+        index = scan_image_folder(root, skip_bad=skip_bad, on_progress=advance, classes=classes,
+                                  max_pixels=max_pixels)
     report_skipped(index.skipped)
     return index

@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import DataError
 from ..files import read_json, write_json_atomic
 from ..options import option
-from .images import ImageFolderIndex
+from .images import ImageFolderIndex, max_pixels_option, skip_bad_option
 
 SUBSETS = ("train", "val", "test")
 IMBALANCED_ABOVE = 3.0  # classes are imbalanced when the largest has more than 3x the images of the smallest
@@ -25,7 +25,8 @@ class DataSettings:
     val_fraction: float = option(0.15, help="Share of each class held out for validation.")
     test_fraction: float = option(0.15, help="Share of each class held out for the test.")
     max_per_class: int | None = option(None, help="Use at most N images per class (seeded).")
-    skip_bad_images: bool = option(False, help="Skip unreadable images with a warning.")
+    skip_bad_images: bool = skip_bad_option()
+    max_image_pixels: int = max_pixels_option()
     good_class: str | None = option(None, help="The classes whose images may pass, a comma list (default: a class "
                                                "named good/normal/ok); every other class is a defect.")
 

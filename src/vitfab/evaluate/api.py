@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..data.images import scan_checked
+from ..data.images import MAX_IMAGE_PIXELS, max_pixels_option, scan_checked, skip_bad_option
 from ..data.split import Split
 from ..errors import DataError, VitfabError
 from ..files import write_json_atomic
@@ -42,7 +42,8 @@ class EvalConfig:
     good_class: str | None = option(None, help="Class meaning 'no defect' (default: good/normal/ok).")
     out: str | None = option(None, help="Folder for metrics.json and confusion.png.")
     batch_size: int = option(64, help="Images per forward pass.")
-    skip_bad_images: bool = option(False, help="Skip unreadable images with a warning.")
+    skip_bad_images: bool = skip_bad_option()
+    max_image_pixels: int = max_pixels_option()
     device: str = option("auto", help="auto, cpu or cuda.")
 
     def evaluate(self, progress: bool = True) -> tuple[dict[str, Any], Path]:
@@ -62,7 +63,7 @@ class EvalConfig:
             net = create_model(self.model, img_size=self.img_size, patch_size=self.patch_size,
                                pretrained=self.pretrained, weights=self.weights, **self.model_args).to(dev).eval()
         return evaluate_folder(net, self.data, self.out, dev, self.good_class, self.batch_size,
-                               self.skip_bad_images, progress)
+                               self.skip_bad_images, progress, self.max_image_pixels)
 
 
 def _compact(m: dict[str, Any]) -> dict[str, Any]:
@@ -112,11 +113,12 @@ def evaluate_folder(
     batch_size: int = 64,
     skip_bad: bool = False,
     progress: bool = True,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> tuple[dict[str, Any], Path]:
     """Every image of an ImageFolder whose class folders are named after the model's classes
     (for ImageNet-1k models: the synset ids of the standard val layout)."""
     classes = model.vitfab_meta.classes
-    index = scan_checked(data, skip_bad, progress, classes=classes)
+    index = scan_checked(data, skip_bad, progress, classes=classes, max_pixels=max_pixels)
     if not index.samples:
         raise DataError(f"no images of the model's classes in {data}")
     m = evaluate_model(model, data, index.samples, classes, device, good_class=good_class,
@@ -135,6 +137,7 @@ def labelled_samples(
     data: str | Path | None,
     progress: bool = True,
     subset: str = "val",
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ):
     """(root, samples, description) to check accuracy on, or None.
 
@@ -142,7 +145,7 @@ def labelled_samples(
     ``subset`` (val by default) of a run folder's split.
     """
     if data is not None:
-        index = scan_checked(data, progress=progress, classes=list(model.vitfab_meta.classes))
+        index = scan_checked(data, progress=progress, classes=list(model.vitfab_meta.classes), max_pixels=max_pixels)
         if not index.samples:
             raise DataError(f"no images of the model's classes in {data}")
         return Path(data), index.samples, f"{data} ({len(index.samples)} images)"

@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from ..data.images import SKIP_HINT, is_image_file, list_images, load_image, report_skipped
+from ..data.images import (MAX_IMAGE_PIXELS, SKIP_HINT, check_max_pixels, is_image_file, list_images, load_image,
+                           max_pixels_option, report_skipped, skip_bad_option)
 from ..data.transforms import eval_transform
 from ..errors import DataError, VitfabError
 from ..files import write_text_atomic
@@ -40,7 +41,8 @@ class PredictConfig:
     runtime: str = option("torch", help=f"One of {', '.join(RUNTIMES)} (onnxruntime: a deploy folder or .onnx file).")
     topk: int = option(3, help="How many classes to list per image.")
     batch_size: int = option(64, help="Images per forward pass.")
-    skip_bad_images: bool = option(False, help="Skip unreadable images with a warning.")
+    skip_bad_images: bool = skip_bad_option()
+    max_image_pixels: int = max_pixels_option()
     device: str = option("auto", help="auto, cpu or cuda.")
     precision: str = option(RECORDED, help="recorded (the mode saved with the model, e.g. by vitfab run; else fp32; "
                                            "fp32 in onnxruntime), fp32, fp16, bf16 or int8.")
@@ -51,6 +53,7 @@ class PredictConfig:
             raise VitfabError("give exactly one of --checkpoint PATH or --model DEPLOY_DIR_OR_ONNX")
         if self.topk < 1:
             raise VitfabError(f"--topk must be at least 1, got {self.topk}")
+        check_max_pixels(self.max_image_pixels)
         device = resolve_device(self.device)
         precision = self.precision if self.precision == RECORDED else parse_precision(self.precision, False).value
         paths = expand_inputs(self.input)
@@ -59,7 +62,7 @@ class PredictConfig:
             raise VitfabError(f"{'model' if self.model is not None else 'checkpoint'} not found: {path}")
         net = load_deployed(path, self.runtime, device, precision)
         rows, skipped = predict_images(net, paths, device, self.batch_size, self.topk, self.skip_bad_images,
-                                       progress=progress)
+                                       progress=progress, max_pixels=self.max_image_pixels)
         write_predictions_csv(rows, self.out)
         return rows, skipped
 
@@ -95,6 +98,7 @@ def predict_images(
     skip_bad: bool = False,
     amp: str = "off",
     progress: bool = True,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """One row per readable image: file, class, confidence and the top-k (class, prob)."""
     meta = model.vitfab_meta
@@ -108,7 +112,7 @@ def predict_images(
             batch, names = [], []
             for p in paths[start : start + batch_size]:
                 try:
-                    batch.append(tf(load_image(p)))
+                    batch.append(tf(load_image(p, max_pixels)))
                     names.append(p)
                 except DataError as exc:
                     if not skip_bad:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.images import scan_checked
+from ..data.images import max_pixels_option, scan_checked, skip_bad_option
 from ..errors import DataError, VitfabError
 from ..evaluate.metrics import argmax_rates, good_classes
 from ..evaluate.operating import DEFAULT_MAX_OVERKILL, Ceilings, OperatingPoint, fit_operating_point, operating_metrics
@@ -46,7 +46,8 @@ class CalibrateConfig:
     runtime: str = option("torch", help=f"Whose outputs are calibrated: {', '.join(RUNTIMES)} (onnxruntime: a "
                                         "deploy folder).")
     batch_size: int = option(64, help="Images per forward pass.")
-    skip_bad_images: bool = option(False, help="Skip unreadable images with a warning.")
+    skip_bad_images: bool = skip_bad_option()
+    max_image_pixels: int = max_pixels_option()
     device: str = option("auto", help="auto, cpu or cuda.")
 
     def run(self, progress: bool = True) -> dict[str, Any]:
@@ -65,7 +66,8 @@ class CalibrateConfig:
             raise VitfabError(f"none of the model's classes ({', '.join(meta.classes)}) is named good/normal/ok: "
                               f"name the passable ones with --good-class")
         ceilings.check(meta.classes, good)
-        index = scan_checked(self.data, self.skip_bad_images, progress, classes=list(meta.classes))
+        index = scan_checked(self.data, self.skip_bad_images, progress, classes=list(meta.classes),
+                             max_pixels=self.max_image_pixels)
         if not index.samples:
             raise DataError(f"no images of the model's classes in {self.data}")
         loader = make_eval_loader(self.data, index.samples, meta.preprocess, self.batch_size)

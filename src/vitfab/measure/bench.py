@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..data.images import max_pixels_option
 from ..errors import VitfabError
 from ..evaluate.accuracy import validation_accuracy
 from ..evaluate.api import labelled_samples
@@ -161,6 +162,7 @@ class BenchOptions:
 
     device: str = option("auto", help="cpu, cuda or auto.")
     data: str | None = option(None, help="Labelled folder: also measure top-1 of each configuration.")
+    max_image_pixels: int = max_pixels_option()
     split: str = option("val", help="With a run folder as --checkpoint: the split to measure top-1 on.")
     tolerance: float = option(DEFAULT_TOLERANCE, help="--precision auto: allowed top-1 drop vs fp32 (0.01 = one point).")
     repeats: int = option(5, help="Throughput repeats per configuration (median reported).")
@@ -207,7 +209,7 @@ class _Prepared:
 def _loader_for(base, cfg: BenchConfig, opts: BenchOptions, progress: bool, cache: dict, subset: str):
     key = (cfg.checkpoint, str(opts.data), subset, tuple(base.vitfab_meta.classes))  # one scan per model and data
     if key not in cache:
-        cache[key] = labelled_samples(base, cfg.checkpoint, opts.data, progress, subset)
+        cache[key] = labelled_samples(base, cfg.checkpoint, opts.data, progress, subset, opts.max_image_pixels)
     source = cache[key]
     if source is None:
         return None, None

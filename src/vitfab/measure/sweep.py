@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
-from ..data.images import scan_checked
+from ..data.images import max_pixels_option, scan_checked
 from ..errors import DataError, VitfabError
 from ..evaluate.accuracy import validation_accuracy
 from ..evaluate.runner import make_eval_loader
 from ..files import atomic_path, read_json, write_json_atomic
+from ..lock import run_lock
 from ..models import create_model
 from ..options import option, split_list
 from ..precision import Precision, parse_precision, prepare_model, unsupported_reason
@@ -46,6 +47,7 @@ class SweepConfig:
     tome_r: str = option("0,4,8,12,16", help="ToMe schedules, comma list (R, R:INFLECTION, keep=F, macs=F).")
     precision: str = option("fp32,bf16", help="Precision modes, comma list.")
     max_images: int | None = option(None, help="A seeded subset of the folder, for a quick look.")
+    max_image_pixels: int = max_pixels_option()
     batch_size: int = option(64, help="Batch size of the accuracy passes.")
     seed: int = option(0, help="Seed of the subset.", cli=False)
     device: str = option("auto", help="auto, cpu or cuda.")
@@ -128,7 +130,8 @@ def run_sweep(cfg: SweepConfig, out: str | Path | None = None, progress: bool = 
         if reason:
             raise VitfabError(f"--precision {p}: {reason}")
     base = load_base(cfg)
-    index = scan_checked(cfg.data, progress=progress, classes=base.vitfab_meta.classes)
+    index = scan_checked(cfg.data, progress=progress, classes=base.vitfab_meta.classes,
+                         max_pixels=cfg.max_image_pixels)
     samples = list(index.samples)
     if not samples:
         raise DataError(f"no images of the model's classes in {cfg.data}")
@@ -136,32 +139,33 @@ def run_sweep(cfg: SweepConfig, out: str | Path | None = None, progress: bool = 
         samples = sorted(random.Random(cfg.seed).sample(samples, cfg.max_images))
     out = Path(out) if out is not None else cfg.default_out()
     out.mkdir(parents=True, exist_ok=True)
-    _settings_check(cfg, out)
-    results_path = out / "results.jsonl"
-    done = _done(results_path)
-    todo = [(r, p) for r, p in cfg.configs() if config_key(r, p) not in done]
-    if done:
-        console.print(f"resuming the sweep in {out}: {len(done)} configuration(s) already measured")
-    loader = make_eval_loader(index.root, samples, base.vitfab_meta.preprocess, cfg.batch_size)
-    with make_progress(progress) as bar:
-        task = bar.add_task("sweep: accuracy", total=len(cfg.configs()), completed=len(cfg.configs()) - len(todo),
-                            info=f"{len(samples)} images")
-        for r, p in todo:
-            model = prepare_model(merged_copy(base, r), p, device)
-            acc = validation_accuracy(model, loader, device, Precision(p))
-            rec = {"key": config_key(r, p), "tome_r": r, "precision": p, "top1": acc, "images": len(samples)}
-            with open(results_path, "a") as fh:  # one line per finished configuration: the resume point
-                fh.write(json.dumps(rec) + "\n")
-            done[rec["key"]] = rec
-            bar.update(task, advance=1, info=f"{rec['key']}: {100 * acc:.2f} %")
-    rows = measure_sweep_speed(cfg, base, [done[config_key(r, p)] for r, p in cfg.configs()], device, progress)
-    write_json_atomic(out / "sweep.json", {"model": base.vitfab_meta.name, "data": str(cfg.data), "device":
-                                           str(device), "rows": rows})
-    with atomic_path(out / "sweep.csv") as tmp:
-        keys = ["tome_r", "precision", "top1", "gmacs", "img_per_s", "speedup", "latency_ms_p50", "images"]
-        tmp.write_text(",".join(keys) + "\n" + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in rows))
-    plot_sweep(rows, out / "sweep.png", base.vitfab_meta.name)
-    return rows
+    with run_lock(out):
+        _settings_check(cfg, out)
+        results_path = out / "results.jsonl"
+        done = _done(results_path)
+        todo = [(r, p) for r, p in cfg.configs() if config_key(r, p) not in done]
+        if done:
+            console.print(f"resuming the sweep in {out}: {len(done)} configuration(s) already measured")
+        loader = make_eval_loader(index.root, samples, base.vitfab_meta.preprocess, cfg.batch_size)
+        with make_progress(progress) as bar:
+            task = bar.add_task("sweep: accuracy", total=len(cfg.configs()), completed=len(cfg.configs()) - len(todo),
+                                info=f"{len(samples)} images")
+            for r, p in todo:
+                model = prepare_model(merged_copy(base, r), p, device)
+                acc = validation_accuracy(model, loader, device, Precision(p))
+                rec = {"key": config_key(r, p), "tome_r": r, "precision": p, "top1": acc, "images": len(samples)}
+                with open(results_path, "a") as fh:  # one line per finished configuration: the resume point
+                    fh.write(json.dumps(rec) + "\n")
+                done[rec["key"]] = rec
+                bar.update(task, advance=1, info=f"{rec['key']}: {100 * acc:.2f} %")
+        rows = measure_sweep_speed(cfg, base, [done[config_key(r, p)] for r, p in cfg.configs()], device, progress)
+        write_json_atomic(out / "sweep.json", {"model": base.vitfab_meta.name, "data": str(cfg.data), "device":
+                                               str(device), "rows": rows})
+        with atomic_path(out / "sweep.csv") as tmp:
+            keys = ["tome_r", "precision", "top1", "gmacs", "img_per_s", "speedup", "latency_ms_p50", "images"]
+            tmp.write_text(",".join(keys) + "\n" + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in rows))
+        plot_sweep(rows, out / "sweep.png", base.vitfab_meta.name)
+        return rows
 
 
 def measure_sweep_speed(cfg: SweepConfig, base, records: list[dict[str, Any]], device: torch.device,

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import CheckpointError
-from ..files import atomic_dir, write_json_atomic
+from ..files import atomic_dir, write_json_atomic, writing
 from ..rundir import META_FILE, TRAIN_STATE_FILE, WEIGHTS_FILE, resolve_weights
 from .factory import create_model
 from .meta import FORMAT, ModelMeta
@@ -57,7 +57,8 @@ def write_checkpoint(
     if own is not None:
         meta_dict |= own()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"vitfab": json.dumps(meta_dict)})
+    with writing(folder / WEIGHTS_FILE, nbytes=sum(t.numel() * t.element_size() for t in tensors.values())):
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"vitfab": json.dumps(meta_dict)})
     write_json_atomic(folder / META_FILE, meta_dict)
     if train_state is not None:
         torch.save(train_state, folder / STATE_FILE)

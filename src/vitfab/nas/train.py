@@ -31,6 +31,7 @@ from ..models.factory import check_model_name, create_model
 from ..models.selection import EXTRA_BLOCKS, METHODS, Selection, select_into
 from ..models.supernet import SUPERNET_NAME, Supernet
 from ..models.weights import read_state_dict
+from ..lock import run_lock
 from ..options import option
 from ..progress import console
 from ..rundir import RunDir, resolve_weights
@@ -282,9 +283,10 @@ def train_supernet(config: SupernetConfig, out: str | Path | None = None, progre
                                        "space": space.to_dict(), "lr": config.resolved_lr()}, split,
                     f"supernet '{space.name}': {n / 1e6:.2f}M shared params, {space.img_size} px, "
                     f"patch {space.patch_size}, {'sandwich' if config.sandwich else 'one subnet'} per step")
-    trainer = SupernetTrainer(run, config, split, progress)
-    trainer.setup(net)
-    return trainer.fit()
+    with run_lock(run.root):
+        trainer = SupernetTrainer(run, config, split, progress)
+        trainer.setup(net)
+        return trainer.fit()
 
 
 def resume_supernet(run_dir: str | Path, progress: bool = True) -> TrainResult:

@@ -15,6 +15,7 @@ from ..data.split import Split
 from ..data.synth import CLASSES
 from ..errors import VitfabError
 from ..evaluate.metrics import good_classes
+from ..lock import run_lock
 from ..measure.counts import count_macs, count_params
 from ..models import create_model
 from ..models.arch import SearchSpace, arch_macs, arch_params
@@ -118,9 +119,11 @@ def resume_job(run_dir: str | Path, progress: bool = True) -> Summary:
 
 
 def _finish(ctx: JobContext) -> Summary:
-    t0 = time.perf_counter()
-    results = run_stages(ctx, PIPELINE)
-    summary = build_summary(ctx, results, round(time.perf_counter() - t0, 1))
-    summary.save(ctx.run.summary_path)
-    ctx.run.set_status("done")
-    return summary
+    """Run the stages with the run folder locked (one writer)."""
+    with run_lock(ctx.run.root):
+        t0 = time.perf_counter()
+        results = run_stages(ctx, PIPELINE)
+        summary = build_summary(ctx, results, round(time.perf_counter() - t0, 1))
+        summary.save(ctx.run.summary_path)
+        ctx.run.set_status("done")
+        return summary

@@ -154,7 +154,7 @@ def plot_tome_merges(model, split, schedule: str | None, path: Path, per_class: 
     counters = {c: 0 for c in split.classes}
     tf = eval_transform(meta.preprocess)
     for cls, rel in picks:
-        pil = load_image(Path(split.root) / rel)
+        pil = load_image(Path(split.root) / rel, max_pixels=None)  # checked by the split's scan
         view = np.asarray(pil.convert("RGB").resize((size, size), Image.BICUBIC))
         groups, _ = patch_groups(model, tf(pil)[None], shown)
         i, j = split.classes.index(cls), 2 * counters[cls]

@@ -34,6 +34,7 @@ from ..errors import VitfabError
 from ..evaluate.metrics import classification_metrics
 from ..evaluate.runner import collect_logits, make_eval_loader, plot_confusion
 from ..files import existing_dir, write_json_atomic
+from ..lock import run_lock
 from ..models.checkpoint import STATE_FILE, read_meta, save_checkpoint
 from ..models.factory import check_model_name, create_model, describe
 from ..models.weights import read_state_dict
@@ -69,7 +70,7 @@ def resolved_policy(config: TrainConfig, split: Split) -> tuple[str, str]:
 
 def prepare_split(config: TrainConfig, progress: bool = True) -> Split:
     """Scan and check the data folder, then draw the seeded stratified split."""
-    index = scan_checked(config.data, config.skip_bad_images, progress)
+    index = scan_checked(config.data, config.skip_bad_images, progress, max_pixels=config.max_image_pixels)
     return make_split(index, config.val_fraction, config.test_fraction, config.seed, config.max_per_class)
 
 
@@ -429,9 +430,10 @@ def train(
     run = start_run(out, "train", {"kind": "train", "status": "running", "train": config.to_dict(),
                                    "lr": config.resolved_lr(), "select_on": select_on, "balance": balance}, split,
                     describe(model))
-    trainer = Trainer(run, config, split, progress)
-    trainer.setup(model)
-    return trainer.fit()
+    with run_lock(run.root):
+        trainer = Trainer(run, config, split, progress)
+        trainer.setup(model)
+        return trainer.fit()
 
 
 def start_run(out: str | Path | None, prefix: str, config: dict[str, Any], split: Split, summary: str) -> RunDir:
@@ -457,6 +459,11 @@ def resume_run(run_dir: str | Path, kind: str, config_cls, build, trainer_cls, p
     """The resume procedure for any trainer: ``build(config, classes, with_weights)`` makes the
     model, ``trainer_cls(run, config, split, progress)`` trains it."""
     run = RunDir.open(run_dir)
+    with run_lock(run.root):
+        return _resume_locked(run, kind, config_cls, build, trainer_cls, progress)
+
+
+def _resume_locked(run: RunDir, kind: str, config_cls, build, trainer_cls, progress: bool) -> TrainResult:
     cfg = run.read_config()
     if cfg.get("kind") != kind:
         raise VitfabError(f"{run.root} is not a {kind} run (it is '{cfg.get('kind')}')")
