@@ -124,6 +124,44 @@ def test_a_file_where_a_folder_or_a_folder_where_a_file_belongs(capsys, workdir,
     assert (workdir / "some_file").read_text() == "x" and not any((workdir / "some_folder").iterdir())
 
 
+def test_a_writer_that_does_not_say_why_on_a_full_disk(tmp_path, monkeypatch):
+    import vitfab.files as files
+
+    dest = tmp_path / "checkpoints" / "last"
+    silent = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")  # torch.save
+    with pytest.raises(RuntimeError):  # space left: a bug, untouched
+        with writing(dest):
+            raise silent
+    monkeypatch.setattr(files, "free_bytes", lambda path: 4096)
+    with pytest.raises(EnvironmentFailure) as info:
+        with writing(dest):
+            raise silent
+    assert info.value.code == errno.ENOSPC and info.value.__cause__ is silent
+    assert not isinstance(info.value, VitfabError)  # handlers of bad input (an export's) must not swallow it
+
+
+def test_the_resume_hint_names_a_run_that_has_started(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run / "split.json"))
+    assert "run the same command again" in failure_line(full, ["train", "--out", str(run)])
+    (run / "config.json").write_text("{}")
+    assert f"vitfab train --resume {run}" in failure_line(full, ["train", "--out", str(run)])
+    assert f"vitfab nas train --resume {run}" in failure_line(full, ["nas", "train", f"--out={run}"])
+
+
+def test_an_error_raised_from_none_hides_its_context():
+    from vitfab.errors import errno_of
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise KeyError("a bug that chose to drop its context") from None
+    except KeyError as exc:
+        assert errno_of(exc) is None
+
+
 def test_writing_names_the_destination_and_keeps_other_files_errors(tmp_path):
     dest = tmp_path / "run" / "chosen"
     with pytest.raises(EnvironmentFailure) as info:
@@ -266,10 +304,23 @@ with run_lock(sys.argv[1]):
 """
 
 
-def _holder(folder: Path) -> subprocess.Popen:
+HOLD_AND_FORK = """
+import os, sys, time
+from vitfab.lock import run_lock
+with run_lock(sys.argv[1]):
+    worker = os.fork()  # like a DataLoader worker
+    if worker == 0:
+        time.sleep(600)
+        os._exit(0)
+    print(worker, flush=True)
+    time.sleep(600)
+"""
+
+
+def _holder(folder: Path, script: str = HOLD) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    child = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
-    assert child.stdout.readline().strip() == "held"
+    child = subprocess.Popen([sys.executable, "-c", script, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
+    child.first_line = child.stdout.readline().strip()
     return child
 
 
@@ -282,6 +333,7 @@ def test_second_process_on_a_run_folder_is_one_line_and_kill_frees_the_lock(caps
     folder.mkdir()
     write_json_atomic(folder / "config.json", config)
     child = _holder(folder)
+    assert child.first_line == "held"
     try:
         code, _, err = run_cli(capsys, *command, folder, "--no-progress")
         one_line(code, err, f"run folder {folder} is in use by another vitfab process (pid {child.pid})")
@@ -293,10 +345,47 @@ def test_second_process_on_a_run_folder_is_one_line_and_kill_frees_the_lock(caps
         assert (folder / ".lock").read_text().strip() == str(os.getpid())
 
 
+def test_a_forked_worker_of_a_killed_holder_does_not_keep_the_lock(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    holder = _holder(folder, HOLD_AND_FORK)
+    worker = int(holder.first_line)
+    try:
+        with pytest.raises(FolderLocked):
+            with run_lock(folder):
+                pass
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(worker, 0)  # the orphaned worker lives on
+        with run_lock(folder):  # and the lock is free
+            pass
+    finally:
+        try:
+            os.kill(worker, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_lock_that_cannot_be_taken_names_the_run(tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    folder.mkdir()
+
+    def read_only(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path / ".lock"))
+
+    monkeypatch.setattr(lock_module, "_acquire", read_only)
+    with pytest.raises(OSError) as info:
+        with run_lock(folder):
+            pass
+    assert getattr(info.value, lock_module.RUN_FOLDER_ATTR) == str(folder)
+    assert "read-only file system" in failure_line(info.value, ["run", "--resume", str(folder)])
+
+
 def test_lock_is_reentrant_in_a_process_and_only_rank0_locks(tmp_path, monkeypatch):
     folder = tmp_path / "run"
     folder.mkdir()
     child = _holder(folder)
+    assert child.first_line == "held"
     try:
         with pytest.raises(FolderLocked):
             with run_lock(folder):

@@ -18,13 +18,14 @@ import errno
 import gc
 import os
 import resource
-import shutil
 import sys
 import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import EnvironmentFailure, VitfabError, errno_of
+from .files import free_bytes
+from .rundir import CONFIG_FILE
 from .lock import RUN_FOLDER_ATTR
 
 DEBUG_FLAG, DEBUG_ENV = "--debug", "VITFAB_DEBUG"
@@ -134,17 +135,26 @@ def _user_path(path: str | None, args: Sequence[str]) -> bool:
 def _continue(run: str | None, args: Sequence[str]) -> str:
     """How to go on after the failure: resume the run it was writing, else the same command again."""
     words = [a for a in args[:2] if not a.startswith("-")]
+    run = run if run is not None else _started_run(args)
     if run is not None and words and words[0] in ("run", "train", "nas") and "--resume" not in args:
         command = "nas train" if words[0] == "nas" else words[0]
         return f"continue with: vitfab {command} --resume {run}"
     return "run the same command again" + (f" (it continues {run})" if run is not None else "")
 
 
+def _started_run(args: Sequence[str]) -> str | None:
+    """The ``--out`` folder of the command where it already holds a run (its config is written)."""
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith("--out=") else (
+            args[i + 1] if arg == "--out" and i + 1 < len(args) else None)
+        if value and (Path(value) / CONFIG_FILE).is_file():
+            return value
+    return None
+
+
 def _free(path: str | None) -> str:
-    probe = Path(os.path.abspath(path or "."))
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return _size(shutil.disk_usage(probe).free)
+    free = free_bytes(path or ".")
+    return "unknown" if free is None else _size(free)
 
 
 def _file_on_the_way(path: str | None) -> Path | None:

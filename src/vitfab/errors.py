@@ -27,16 +27,18 @@ NAMED_ONLY = (errno.ENOENT, errno.EEXIST)  # count only with the file's name: th
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust's io::Error) quotes errno
 
 
-class EnvironmentFailure(VitfabError):
-    """An OS error while reading or writing ``path`` (``nbytes`` the size of the write where known).
+class EnvironmentFailure(OSError):
+    """An OS error while writing ``path`` (``nbytes`` the size of the write where known).
 
     Raised by :func:`vitfab.files.writing` around a write, with the error the writer raised as its
-    cause; :mod:`vitfab.boundary` turns it into the one line the user reads.
+    cause; :mod:`vitfab.boundary` turns it into the one line the user reads. An ``OSError``, not a
+    :class:`VitfabError`: code that handles bad input (an export that may fail and is reported)
+    must not swallow a full disk.
     """
 
     def __init__(self, code: int, path: str | None, nbytes: int | None = None, detail: str = ""):
+        super().__init__(code, os.strerror(code), path)
         self.code, self.path, self.nbytes, self.detail = code, path, nbytes, detail
-        super().__init__(f"{os.strerror(code)}: {path}" if path else os.strerror(code))
 
 
 def errno_of(exc: BaseException) -> tuple[int, str | None] | None:
@@ -62,5 +64,5 @@ def errno_of(exc: BaseException) -> tuple[int, str | None] | None:
         for code in ENVIRONMENT_ERRNOS:
             if code not in NAMED_ONLY and os.strerror(code) in text:
                 return code, None
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return None

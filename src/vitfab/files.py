@@ -19,7 +19,9 @@ def writing(path: str | os.PathLike, nbytes: int | None = None) -> Iterator[None
     """Name the destination (and the size, where known) in an environment failure of the write
     inside: it leaves as :class:`EnvironmentFailure` from the writer's own error. Nested, the
     outermost destination is named (the folder a user knows, not a temporary file in it). An error
-    on a file elsewhere, or a missing file (a read inside the block), keeps its own name."""
+    on a file elsewhere, or a missing file (a read inside the block), keeps its own name. A writer
+    whose error says nothing of the cause (``torch.save``: ``unexpected pos ...``) counts as a full
+    disk where the disk is, at that moment, full."""
     try:
         yield
     except EnvironmentFailure as exc:
@@ -28,9 +30,27 @@ def writing(path: str | os.PathLike, nbytes: int | None = None) -> Iterator[None
         raise EnvironmentFailure(exc.code, str(path), exc.nbytes or nbytes, exc.detail) from exc.__cause__
     except Exception as exc:
         found = errno_of(exc)
+        if found is None and _no_space_left(path):
+            found = (errno.ENOSPC, None)
         if found is None or found[0] == errno.ENOENT or not _beside(found[1], path):
             raise
         raise EnvironmentFailure(found[0], str(path), nbytes, str(exc).splitlines()[0] if str(exc) else "") from exc
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes left to write on the filesystem that holds ``path`` (or would hold it); None unknown."""
+    probe = Path(os.path.abspath(path))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def _no_space_left(path: str | os.PathLike) -> bool:
+    free = free_bytes(path)
+    return free is not None and free < 2**20  # less than a MiB
 
 
 def _beside(name: str | None, path: str | os.PathLike) -> bool:

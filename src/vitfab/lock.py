@@ -44,43 +44,72 @@ def run_lock(folder: str | os.PathLike) -> Iterator[None]:
     if key in _held:  # this process holds it already (an outer block releases it)
         yield
         return
-    fd, refused = None, None
+    fd, refused, failure = None, None, None
     if world()[0] == 0:
         try:
             fd = _acquire(key)
         except FolderLocked as exc:
             refused = str(exc)
+        except Exception as exc:  # e.g. a full or read-only disk: the other ranks must not wait
+            failure, refused = exc, f"run folder {folder}: rank 0 could not take its lock ({exc})"
     refused = broadcast_object(refused)
+    if failure is not None:
+        _name_run(failure, folder)
+        raise failure
     if refused is not None:
         raise FolderLocked(refused)
     _held[key] = fd
     try:
         yield
     except Exception as exc:  # the outermost lock names the run (a main job, not its stage's folder)
-        try:
-            setattr(exc, RUN_FOLDER_ATTR, str(folder))
-        except (AttributeError, TypeError):  # an exception type without attributes of its own
-            pass
+        _name_run(exc, folder)
         raise
     finally:
-        del _held[key]
+        fd = _held.pop(key, None)  # None also in a forked child, which closed its copy at the fork
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
 
-def _acquire(folder: Path) -> int:
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+def _name_run(exc: BaseException, folder: str | os.PathLike) -> None:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+        setattr(exc, RUN_FOLDER_ATTR, str(folder))
+    except (AttributeError, TypeError):  # an exception type without attributes of its own
+        pass
+
+
+def _acquire(folder: Path) -> int:
+    """The locked descriptor of ``folder``'s lock file, the holder's pid written in it."""
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise FolderLocked(f"run folder {folder} is in use by another vitfab process (pid {holder}); wait for "
                                f"it to finish or stop it, then try again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)  # closing the only descriptor also drops a lock just taken
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _close_in_child() -> None:
+    """A forked child (a DataLoader worker) drops its copies of the lock descriptors: a flock
+    belongs to the open file, so a worker orphaned by a ``kill -9`` of its parent would otherwise
+    hold the run folder until it exits. Closing a copy leaves the parent's lock as it is."""
+    for fd in _held.values():
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 

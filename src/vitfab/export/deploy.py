@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import VitfabError
-from ..files import atomic_dir, write_json_atomic
+from ..files import atomic_dir, write_json_atomic, writing
 from ..models.checkpoint import write_checkpoint
 from ..options import option
 from ..rundir import DEPLOY_FILE, ONNX_FILE, TORCHSCRIPT_FILE, WEIGHTS_FILE, kind_of
@@ -82,9 +82,10 @@ def export_onnx(model, path: Path, opset: int = OPSET, metadata: dict[str, Any] 
     x = example_input(model, 2)
     with warnings.catch_warnings():  # tracer notes on Python ints derived from shapes: token counts are static
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-                          dynamo=False)
+        with writing(path):  # the exporter's C++ writer may not say that the disk is full
+            torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                              dynamo=False)
     return set_onnx_metadata(path, path, metadata or {})
 
 
@@ -98,7 +99,8 @@ def set_onnx_metadata(src: Path, dst: Path, metadata: dict[str, str]) -> Path:
     for key, value in kept + list(metadata.items()):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.save(proto, str(dst))
+    with writing(dst):
+        onnx.save(proto, str(dst))
     return dst
 
 
@@ -106,7 +108,8 @@ def export_torchscript(model, path: Path) -> Path:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, (example_input(model, 2),), check_trace=False)
-    traced.save(str(path))
+    with writing(path):
+        traced.save(str(path))
     return path
 
 

@@ -61,7 +61,8 @@ def write_checkpoint(
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"vitfab": json.dumps(meta_dict)})
     write_json_atomic(folder / META_FILE, meta_dict)
     if train_state is not None:
-        torch.save(train_state, folder / STATE_FILE)
+        with writing(folder / STATE_FILE):  # torch.save's own error does not say the disk is full
+            torch.save(train_state, folder / STATE_FILE)
     return meta_dict
 
 
