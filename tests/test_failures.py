@@ -136,7 +136,7 @@ def test_a_writer_that_does_not_say_why_on_a_full_disk(tmp_path, monkeypatch):
     with pytest.raises(EnvironmentFailure) as info:
         with writing(dest):
             raise silent
-    assert info.value.code == errno.ENOSPC and info.value.__cause__ is silent
+    assert info.value.errno == errno.ENOSPC and info.value.__cause__ is silent
     assert not isinstance(info.value, VitfabError)  # handlers of bad input (an export's) must not swallow it
 
 
@@ -168,7 +168,7 @@ def test_writing_names_the_destination_and_keeps_other_files_errors(tmp_path):
         with writing(dest):
             with writing(tmp_path / "run" / ".chosen.x.tmp" / "model.safetensors", nbytes=2_000_000):
                 raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
-    assert (info.value.code, info.value.path, info.value.nbytes) == (errno.EDQUOT, str(dest), 2_000_000)
+    assert (info.value.errno, info.value.filename, info.value.nbytes) == (errno.EDQUOT, str(dest), 2_000_000)
     elsewhere = FileNotFoundError(errno.ENOENT, "No such file", str(tmp_path / "other" / "input.png"))
     with pytest.raises(FileNotFoundError):  # a read of another file inside the block keeps its own name
         with writing(dest):

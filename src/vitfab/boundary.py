@@ -2,9 +2,10 @@
 
 - A :class:`VitfabError` (bad input, a folder in use, ...) is one line on stderr, exit 2.
 - A failure of the environment, by errno (disk full or over quota, permission denied, read-only
-  file system, a path through a file, a folder where a file belongs, too many open files, and a
-  missing file *the user named*, a folder to make where a file lies), is also one line and exit 2, whether it came as an ``OSError``
-  or inside a writer's own exception (safetensors, ONNX, OpenVINO). Every write of a run folder
+  file system, a path through a file, a folder where a file belongs, too many open files, a
+  missing file *the user named*, a folder to make where a file lies), is also one line and exit
+  2, whether it came as an ``OSError`` or inside a writer's own exception (safetensors, ONNX,
+  OpenVINO). Every write of a run folder
   is atomic, so the folder is left as it was before the write; where a run was being written the
   line says how to continue it.
 - Anything else is a bug in vitfab and keeps its traceback (exit 1).
@@ -23,10 +24,10 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import EnvironmentFailure, VitfabError, errno_of
+from .errors import EnvironmentFailure, VitfabError, errno_of, exception_chain
 from .files import free_bytes
-from .rundir import CONFIG_FILE
 from .lock import RUN_FOLDER_ATTR
+from .rundir import CONFIG_FILE
 
 DEBUG_FLAG, DEBUG_ENV = "--debug", "VITFAB_DEBUG"
 
@@ -63,11 +64,8 @@ def _release_quietly(exc: BaseException) -> None:
     saved = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: None
     try:
-        seen = set()
-        while exc is not None and id(exc) not in seen:
-            seen.add(id(exc))
-            traceback.clear_frames(exc.__traceback__)
-            exc = exc.__cause__ or exc.__context__
+        for link in exception_chain(exc, suppressed=True):
+            traceback.clear_frames(link.__traceback__)
         gc.collect()
     finally:
         sys.unraisablehook = saved
@@ -85,8 +83,7 @@ def failure_line(exc: BaseException, args: Sequence[str] = ()) -> str | None:
         code = errno.ENOTDIR
     if (code == errno.ENOENT and not _user_path(path, args)) or code == errno.EEXIST:
         return None
-    failure = _environment_failure(exc)
-    nbytes = failure.nbytes if failure is not None else None
+    nbytes = next((e.nbytes for e in exception_chain(exc) if isinstance(e, EnvironmentFailure)), None)
     run = getattr(exc, RUN_FOLDER_ATTR, None)
     where = path or "a file"
     if code in (errno.ENOSPC, errno.EDQUOT):
@@ -109,12 +106,6 @@ def failure_line(exc: BaseException, args: Sequence[str] = ()) -> str | None:
         return (f"too many open files (this process may open {soft}): raise the limit (ulimit -n 4096) or use "
                 f"fewer data-loading workers, then {_continue(run, args)}")
     return f"not found: {where}"
-
-
-def _environment_failure(exc: BaseException | None) -> EnvironmentFailure | None:
-    while exc is not None and not isinstance(exc, EnvironmentFailure):
-        exc = exc.__cause__ or exc.__context__
-    return exc
 
 
 def _user_path(path: str | None, args: Sequence[str]) -> bool:
@@ -167,9 +158,10 @@ def _file_on_the_way(path: str | None) -> Path | None:
     return None
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def _size(n: float) -> str:
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB"):
         n /= 1000
-    return f"{n:.1f} GB"
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from typing import Iterator
 
 
 class VitfabError(Exception):
@@ -36,9 +37,19 @@ class EnvironmentFailure(OSError):
     must not swallow a full disk.
     """
 
-    def __init__(self, code: int, path: str | None, nbytes: int | None = None, detail: str = ""):
+    def __init__(self, code: int, path: str | None, nbytes: int | None = None):
         super().__init__(code, os.strerror(code), path)
-        self.code, self.path, self.nbytes, self.detail = code, path, nbytes, detail
+        self.nbytes = nbytes
+
+
+def exception_chain(exc: BaseException | None, suppressed: bool = False) -> Iterator[BaseException]:
+    """``exc``, then its cause or context, and so on (each once); ``suppressed``: also the context
+    that ``raise ... from None`` hid."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or (exc.__context__ if suppressed or not exc.__suppress_context__ else None)
 
 
 def errno_of(exc: BaseException) -> tuple[int, str | None] | None:
@@ -50,19 +61,14 @@ def errno_of(exc: BaseException) -> tuple[int, str | None] | None:
     counts as ENOENT or EEXIST (``NAMED_ONLY``): a missing file that the user did not name, or a
     folder made twice, is a bug, not the environment.
     """
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, EnvironmentFailure):
-            return exc.code, exc.path
-        if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
-            return exc.errno, exc.filename if exc.filename is None else str(exc.filename)
-        text = str(exc)
+    for link in exception_chain(exc):
+        if isinstance(link, OSError) and link.errno in ENVIRONMENT_ERRNOS:  # EnvironmentFailure too
+            return link.errno, link.filename if link.filename is None else str(link.filename)
+        text = str(link)
         found = _RUST_OS_ERROR.search(text)
         if found and int(found.group(1)) in ENVIRONMENT_ERRNOS and int(found.group(1)) not in NAMED_ONLY:
             return int(found.group(1)), None
         for code in ENVIRONMENT_ERRNOS:
             if code not in NAMED_ONLY and os.strerror(code) in text:
                 return code, None
-        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return None

@@ -25,16 +25,16 @@ def writing(path: str | os.PathLike, nbytes: int | None = None) -> Iterator[None
     try:
         yield
     except EnvironmentFailure as exc:
-        if not _beside(exc.path, path):
+        if not _beside(exc.filename, path):
             raise
-        raise EnvironmentFailure(exc.code, str(path), exc.nbytes or nbytes, exc.detail) from exc.__cause__
+        raise EnvironmentFailure(exc.errno, str(path), exc.nbytes or nbytes) from exc.__cause__
     except Exception as exc:
         found = errno_of(exc)
         if found is None and _no_space_left(path):
             found = (errno.ENOSPC, None)
         if found is None or found[0] == errno.ENOENT or not _beside(found[1], path):
             raise
-        raise EnvironmentFailure(found[0], str(path), nbytes, str(exc).splitlines()[0] if str(exc) else "") from exc
+        raise EnvironmentFailure(found[0], str(path), nbytes) from exc
 
 
 def free_bytes(path: str | os.PathLike) -> int | None:
