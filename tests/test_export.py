@@ -81,7 +81,8 @@ def test_deploy_folder_is_a_checkpoint_and_records_everything(tmp_path):
     assert code == 0
     d = json.loads((tmp_path / "deploy" / "deploy.json").read_text())
     assert d["precision"] == "int8" and d["classes"] == CLASSES and d["preprocess"]["img_size"] == 32
-    assert d["tome"]["spec"] == "macs=0.5" and set(d["files"]) == {"safetensors", "torchscript", "onnx"}
+    assert d["tome"]["spec"] == "macs=0.5" and set(d["files"]) == {"safetensors", "torchscript", "onnx", "openvino"}
+    assert d["runtime"] == "torch" and d["low_precision_check"] is None  # chosen in PyTorch: no runtime graph
     again = load_model(tmp_path / "deploy")
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():

@@ -25,6 +25,8 @@ from .files import existing_dir, read_json, write_json_atomic, write_text_atomic
 
 WEIGHTS_FILE, META_FILE, TRAIN_STATE_FILE = "model.safetensors", "meta.json", "train_state.pt"
 DEPLOY_FILE, ONNX_FILE, TORCHSCRIPT_FILE = "deploy.json", "model.onnx", "model.ts"
+OPENVINO_FILE, TENSORRT_FILE = "model.xml", "model.plan"  # OpenVINO IR (beside it model.bin), TensorRT engine
+INT8_SUFFIX = ".int8"  # a statically quantised artifact beside the fp32 one: model.int8.xml, model.int8.onnx
 CONFIG_FILE, SPLIT_FILE, METRICS_FILE = "config.json", "split.json", "metrics.jsonl"
 JOB_STATE_FILE, SUMMARY_FILE = "state.json", "summary.json"
 LOCK_FILE = ".lock"  # the run folder's writer lock (``vitfab.lock``)

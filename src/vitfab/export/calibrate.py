@@ -27,8 +27,8 @@ from ..models.checkpoint import copy_with_meta, read_meta
 from ..options import RECORDED, option
 from ..rundir import DEPLOY_FILE, META_FILE, ONNX_FILE, WEIGHTS_FILE, kind_of
 from ..runtime import resolve_device
-from ..runtimes import RUNTIMES, load_deployed
-from .deploy import set_onnx_metadata
+from ..runtimes import RUNTIMES, load_deployed, set_onnx_metadata
+
 
 CALIBRATION_FILE = "calibration.json"
 

@@ -10,7 +10,9 @@ configuration alike; ratios against the first are the numbers to quote.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,13 +23,15 @@ from ..data.images import max_pixels_option
 from ..errors import VitfabError
 from ..evaluate.accuracy import validation_accuracy
 from ..evaluate.api import labelled_samples
-from ..evaluate.runner import make_eval_loader
+from ..evaluate.runner import image_batches, make_eval_loader
 from ..models import create_model
 from ..options import RECORDED, option, split_list
 from ..precision import AUTO, DEFAULT_TOLERANCE, Precision, check_finite, parse_precision, prepare_model
 from ..progress import make_progress
+from ..rundir import kind_of
 from ..runtime import resolve_device
-from ..runtimes import RUNTIMES, OrtModel, load_model, model_for_counting
+from ..runtimes import (CALIBRATION_IMAGES, RUNTIMES, STATIC_INT8, Deployed, convert, load_model,
+                        model_for_counting)
 from ..tome import Schedule, apply_spec, parse_tome_spec, tome_info
 from .auto_precision import select_precision
 from .counts import count_macs, count_params, input_size
@@ -51,13 +55,22 @@ class BenchConfig:
     img_size: int | None = None  # timm names only; a checkpoint runs at its own size
     method: str = "cast"  # fp16/bf16: "cast" (low-precision weights) or "autocast"
     label: str | None = None
-    runtime: str | None = None  # torch | onnxruntime; None: onnxruntime for an .onnx file, else torch
+    runtime: str | None = None  # one of RUNTIMES; None: onnxruntime for an .onnx file, openvino for .xml, else torch
 
     @property
     def resolved_runtime(self) -> str:
         if self.runtime is not None:
             return self.runtime
-        return "onnxruntime" if self.checkpoint is not None and str(self.checkpoint).endswith(".onnx") else "torch"
+        suffix = Path(self.checkpoint).suffix if self.checkpoint is not None else ""
+        return {".onnx": "onnxruntime", ".xml": "openvino"}.get(suffix, "torch")
+
+    @property
+    def exported(self) -> bool:
+        """An artifact of ``vitfab export`` (a deploy folder or a graph file) run outside PyTorch."""
+        if self.resolved_runtime == "torch" or self.checkpoint is None:
+            return False
+        p = Path(self.checkpoint)
+        return p.suffix in (".onnx", ".xml") or kind_of(p) == "deploy"
 
     def validate(self) -> None:
         if (self.model is None) == (self.checkpoint is None):
@@ -71,15 +84,17 @@ class BenchConfig:
         rt = self.resolved_runtime
         if rt not in RUNTIMES:
             raise VitfabError(f"runtime must be one of {', '.join(RUNTIMES)}, got '{rt}'")
-        if rt == "onnxruntime":
+        exported = self.checkpoint is not None and Path(self.checkpoint).suffix in (".onnx", ".xml")
+        if rt != "torch":
             if self.checkpoint is None:
-                raise VitfabError("the onnxruntime runtime runs an exported model: give a deploy folder or .onnx file")
-            if self.tome_r not in (None, RECORDED):
-                raise VitfabError("an exported model's ToMe schedule is fixed in its graph: drop --tome-r for onnxruntime")
-            if self.precision not in ("fp32", "int8"):
-                raise VitfabError(f"onnxruntime runs fp32 or int8 here, not {self.precision}")
-        elif self.checkpoint is not None and str(self.checkpoint).endswith(".onnx"):
-            raise VitfabError(f"{self.checkpoint} is an ONNX file: it runs with runtime=onnxruntime")
+                raise VitfabError(f"the {rt} runtime runs a trained model: give a checkpoint, run or deploy folder, "
+                                  f"or an exported file")
+            if exported and self.tome_r not in (None, RECORDED):
+                raise VitfabError(f"an exported model's ToMe schedule is fixed in its graph: drop --tome-r for {rt}")
+            if self.precision not in ("fp32", "fp16", "bf16", "int8"):
+                raise VitfabError(f"{rt} runs fp32, bf16 or int8, not {self.precision}")
+        elif exported:
+            raise VitfabError(f"{self.checkpoint} is an exported graph: it runs with runtime=onnxruntime or openvino")
 
     def with_overrides(self, spec: str) -> "BenchConfig":
         """A copy with ``key=value[,key=value]`` applied (the ``--vs`` syntax)."""
@@ -115,9 +130,9 @@ class BenchConfig:
         name = name.replace("_patch16_224", "").replace("_224", "")
         mode = f"auto->{resolved}" if self.precision == AUTO and resolved else self.precision
         parts = [name, mode if self.method == "cast" else f"{mode}-autocast"]
-        if self.resolved_runtime == "onnxruntime":
-            parts.append("onnxruntime")
-        if self.tome_r == RECORDED or (self.tome_r is None and self.resolved_runtime == "onnxruntime"):
+        if self.resolved_runtime != "torch":
+            parts.append(self.resolved_runtime)
+        if self.tome_r == RECORDED or (self.tome_r is None and self.exported):
             parts.append("ToMe as saved")
         elif self.tome_r is not None:
             parts.append(Schedule.parse(self.tome_r).describe())
@@ -135,8 +150,10 @@ class BenchRequest:
     tome_r: str | None = option(None, help="ToMe schedule: R, R:INFLECTION (16:-1 = decreasing), R1/R2/... per "
                                            "layer, keep=F, macs=F, or none (stock model), recorded (as saved with "
                                            "the checkpoint); a comma list compares several [default: none].")
-    runtime: str | None = option(None, help="torch or onnxruntime (a deploy folder or .onnx file) [default: "
-                                            "onnxruntime for .onnx files, else torch].")
+    runtime: str | None = option(None, help="torch, onnxruntime, openvino or tensorrt; a checkpoint is converted "
+                                            "for the run (int8 calibrated on --data or the run's training split), a "
+                                            "deploy folder runs its exported files [default: onnxruntime for .onnx, "
+                                            "openvino for .xml, else torch].")
     batch_size: int | None = option(None, help="Throughput batch [default: 16 on CPU, 256 on CUDA].")
     img_size: int | None = option(None, help="With --model: input size override.")
     vs: list[str] = option(default_factory=list, help="Another configuration, KEY=VALUE[,KEY=VALUE] changed from "
@@ -182,12 +199,34 @@ class BenchOptions:
 
 
 def load_fp32_model(cfg: BenchConfig) -> nn.Module:
-    """The configuration's model in fp32, as loaded (a checkpoint with its recorded ToMe schedule)."""
+    """The configuration's model in fp32, as loaded (a checkpoint with its recorded ToMe schedule;
+    an exported graph's architecture, for counting)."""
     if cfg.checkpoint is not None:
-        if str(cfg.checkpoint).endswith(".onnx"):
+        if Path(cfg.checkpoint).suffix in (".onnx", ".xml"):
             return model_for_counting(cfg.checkpoint)
         return load_model(cfg.checkpoint, "cpu")
     return create_model(cfg.model, img_size=cfg.img_size).eval()
+
+
+def torch_model(cfg: BenchConfig, precision: str, device: str) -> nn.Module:
+    """The configuration in PyTorch, prepared (what a timing worker builds)."""
+    return prepare_model(apply_spec(load_fp32_model(cfg), cfg.tome_r), precision, device, cfg.method)
+
+
+def deployed_for(cfg: BenchConfig, base: nn.Module, precision: str, opts: BenchOptions, cache: dict) -> Deployed:
+    """What the configuration's runtime runs: its exported files, or ``base`` converted (int8
+    calibrated on ``--data`` or the run's training split)."""
+    rt = cfg.resolved_runtime
+    if cfg.exported:
+        return Deployed(rt, precision, str(cfg.checkpoint))
+    folder = cache.setdefault(("convert", cfg.checkpoint, cfg.tome_r), Path(cache["workdir"]) / f"m{len(cache)}")
+    calibration = cache.get("calibration")  # a caller's own set (the main job's training images)
+    if precision == "int8" and rt in STATIC_INT8 and calibration is None:
+        source = labelled_samples(base, cfg.checkpoint, opts.data, False, "train", opts.max_image_pixels)
+        if source is None:
+            raise VitfabError(f"{rt} int8 is calibrated on images: give --data DIR or a run folder as --checkpoint")
+        calibration = image_batches(source[0], source[1], base.vitfab_meta.preprocess, CALIBRATION_IMAGES)
+    return Deployed(rt, precision, str(convert(base, rt, precision, folder, calibration)))
 
 
 @dataclass
@@ -204,6 +243,7 @@ class _Prepared:
     tome: dict | None
     accuracy: float | None = None
     accuracy_on: str | None = None
+    build: Any = None  # a picklable call that makes ``model`` again (in a timing worker)
 
 
 def _loader_for(base, cfg: BenchConfig, opts: BenchOptions, progress: bool, cache: dict, subset: str):
@@ -232,41 +272,56 @@ def _resolve_auto(base, cfg: BenchConfig, device, opts: BenchOptions, loader, pr
 def _prepare(cfg: BenchConfig, device: torch.device, opts: BenchOptions, progress: bool, cache: dict) -> _Prepared:
     cfg.validate()
     base = load_fp32_model(cfg)
-    ort = cfg.resolved_runtime == "onnxruntime"
-    if not ort:  # an exported graph keeps the schedule it was exported with
+    if not cfg.exported:  # an exported graph keeps the schedule it was exported with
         base = apply_spec(base, cfg.tome_r)
     params, macs = count_params(base), count_macs(base)
     precision = parse_precision(cfg.precision)
     loader, desc = _loader_for(base, cfg, opts, progress, cache, opts.split)
     if precision == AUTO:
         precision = _resolve_auto(base, cfg, device, opts, loader, progress, cache)
-    model = OrtModel(cfg.checkpoint, device, precision.value) if ort else prepare_model(base, precision, device,
-                                                                                        cfg.method)
+    if cfg.resolved_runtime == "torch":
+        model = prepare_model(base, precision, device, cfg.method)
+        build = partial(torch_model, cfg, precision.value, str(device))
+    else:
+        deployed = deployed_for(cfg, base, precision.value, opts, cache)
+        model, build = deployed.build(device, opts.threads), partial(deployed.build, str(device), opts.threads)
     bs = cfg.batch_size or default_batch(device)
     size = input_size(base)
     with torch.inference_mode():
         check_finite(model(seeded_batch(2, size, device)), precision, "a random input batch")
     p = _Prepared(cfg, precision, model, bs, params, macs, size, base.vitfab_meta.name,
-                  (model.file_bytes if ort else weights_bytes(model)) / 2**20, tome_info(base))
+                  (getattr(model, "file_bytes", None) or weights_bytes(model)) / 2**20, tome_info(base), build=build)
     if loader is not None:
         p.accuracy, p.accuracy_on = validation_accuracy(model, loader, device, precision), desc
     return p
 
 
 def benchmark(configs: Sequence[BenchConfig], options: BenchOptions | None = None,
-              progress: bool = True) -> list[Measurement]:
-    """Measure every configuration; throughput and latency interleaved across them."""
+              progress: bool = True, cache: dict | None = None) -> list[Measurement]:
+    """Measure every configuration; throughput and latency interleaved across them. ``cache``: a
+    caller's ``{"workdir": folder, "calibration": batches}`` for converted models, kept across calls
+    (default: a temporary folder; int8 calibrated on ``--data`` or the run's training split)."""
     opts = options or BenchOptions()
     if not configs:
         raise VitfabError("nothing to benchmark")
     opts.validate()
     device = resolve_device(opts.device)
-    cache: dict = {}
-    prepared = [_prepare(c, device, opts, progress, cache) for c in configs]
-    items = [Timed(p.model, p.input_size, p.batch_size) for p in prepared]
+    if cache is not None:
+        return _measure([_prepare(c, device, opts, progress, cache) for c in configs], device, opts, progress)
+    with tempfile.TemporaryDirectory(prefix="vitfab-bench-") as work:
+        own = {"workdir": work}
+        return _measure([_prepare(c, device, opts, progress, own) for c in configs], device, opts, progress)
+
+
+def _measure(prepared: Sequence[_Prepared], device: torch.device, opts: BenchOptions, progress: bool) -> list[Measurement]:
+    """Speed (each runtime's pool in a worker of its own where several runtimes are compared),
+    memory and energy of every prepared configuration."""
+    items = [Timed(p.model, p.input_size, p.batch_size, build=p.build, pool=p.cfg.resolved_runtime) for p in prepared]
+    isolate = len({it.pool for it in items}) > 1
     with make_progress(progress) as bar:
         speeds = measure_speed(items, device, opts.repeats, opts.min_repeat_seconds, opts.latency_runs,
-                               opts.energy_seconds if opts.energy else None, opts.threads, progress=bar)
+                               opts.energy_seconds if opts.energy else None, opts.threads, progress=bar,
+                               isolate=isolate)
         t = bar.add_task("memory", total=len(items), info="")
         mem = []
         for p in prepared:

@@ -20,7 +20,8 @@ from rich.progress import Progress
 from ..progress import make_progress
 from ..runtime import num_threads
 from .energy import EnergyResult, measure_energy
-from .timing import interleaved_latency, interleaved_throughput, median, percentiles
+from .isolated import Workers
+from .timing import interleaved_latency, interleaved_throughput, median, percentiles, seeded_batch
 
 DEFAULT_BATCH = {"cpu": 16, "cuda": 256}  # the throughput batch where none is given
 
@@ -31,12 +32,16 @@ def default_batch(device: torch.device | str) -> int:
 
 @dataclass
 class Timed:
-    """One thing to time: ``fn`` takes an image batch (B, channels, H, W)."""
+    """One thing to time: ``fn`` takes an image batch (B, channels, H, W). For timing in a worker
+    process of its pool (``measure_speed(isolate=True)``): ``build``, a picklable call that makes
+    ``fn`` there, and ``pool``, the runtime whose thread pool it uses."""
 
     fn: Callable[[torch.Tensor], Any]
     input_size: tuple[int, int]
     batch_size: int
     channels: int = 3
+    build: Callable[[], Callable[[torch.Tensor], Any]] | None = None
+    pool: str = "torch"
 
 
 @dataclass
@@ -57,13 +62,6 @@ class Speed:
     @property
     def latency_ms_p50(self) -> float | None:
         return median(self.latency_ms_runs) if self.latency_ms_runs else None
-
-
-def seeded_batch(batch_size: int, input_size: tuple[int, int], device: torch.device | str, seed: int = 0,
-                 channels: int = 3) -> torch.Tensor:
-    """A standard-normal image batch drawn from its own generator (the global RNG is untouched)."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch_size, channels, *input_size, generator=gen).to(device)
 
 
 @dataclass
@@ -89,19 +87,26 @@ def measure_speed(
     seed: int = 0,
     progress: bool | Progress = False,
     label: str = "",
+    isolate: bool = False,
 ) -> list[Speed]:
     """Throughput (``repeats`` interleaved repeats of at least ``min_repeat_seconds``; 0: none),
     batch-1 latency (``latency_runs`` interleaved calls; 0: none) and, with ``energy_seconds``,
     J/img over a window of that length, for every item. ``progress``: show bars (or draw them
-    in a live ``Progress``); ``label`` prefixes their names."""
+    in a live ``Progress``); ``label`` prefixes their names. ``isolate`` (CPU, items with a
+    ``build``): each pool's items run in a worker process of their own (``measure.isolated``)."""
     device = torch.device(device)
-    inputs = _Inputs()
-    batches = [inputs.get(it, device, seed) for it in items]
-    fns = [(lambda it=it, x=x: it.fn(x)) for it, (x, _) in zip(items, batches)]
-    fns1 = [(lambda it=it, x1=x1: it.fn(x1)) for it, (_, x1) in zip(items, batches)]
     prefix = f"{label}: " if label else ""
     display = nullcontext(progress) if isinstance(progress, Progress) else make_progress(bool(progress))
-    with num_threads(threads), torch.inference_mode(), display as bar:
+    workers = Workers(items, threads, seed) if isolate and device.type == "cpu" else nullcontext()
+    with workers, num_threads(threads), torch.inference_mode(), display as bar:
+        if isinstance(workers, Workers):
+            fns = [workers.fn(i) for i in range(len(items))]
+            fns1 = [workers.fn(i, one=True) for i in range(len(items))]
+        else:
+            inputs = _Inputs()
+            batches = [inputs.get(it, device, seed) for it in items]
+            fns = [(lambda it=it, x=x: it.fn(x)) for it, (x, _) in zip(items, batches)]
+            fns1 = [(lambda it=it, x1=x1: it.fn(x1)) for it, (_, x1) in zip(items, batches)]
         speeds, lats, energy = [[] for _ in items], [[] for _ in items], [None] * len(items)
         if repeats:
             t = bar.add_task(prefix + "throughput", total=repeats, info=f"{len(items)} interleaved")

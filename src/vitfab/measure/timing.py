@@ -15,6 +15,13 @@ import numpy as np
 import torch
 
 
+def seeded_batch(batch_size: int, input_size: tuple[int, int], device: torch.device | str, seed: int = 0,
+                 channels: int = 3) -> torch.Tensor:
+    """A standard-normal image batch drawn from its own generator (the global RNG is untouched)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, channels, *input_size, generator=gen).to(device)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

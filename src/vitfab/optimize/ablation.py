@@ -9,23 +9,26 @@ rows without it the weights before that stage, unless the chosen configuration i
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from ..evaluate.metrics import classification_metrics
 from ..evaluate.runner import CachedBatches, collect_logits
-from ..measure.bench import BenchConfig, BenchOptions, benchmark, load_fp32_model
+from ..measure.bench import BenchConfig, BenchOptions, benchmark, deployed_for, load_fp32_model
 from ..measure.measurement import Measurement
 from ..precision import Precision, prepare_model
 from ..progress import task
 from ..report.summary import AblationRecord
 from ..runtime import resolve_device
+from ..runtimes import runtime_precisions
 from ..tome import apply_spec
 
 AXES = ("nas", "tome", "bits")
-AXIS_NAMES = {"nas": "NAS", "tome": "ToMe", "bits": "bits"}
+AXIS_NAMES = {"nas": "NAS", "tome": "ToMe", "bits": "bits", "runtime": "runtime"}
 
 
 @dataclass
@@ -36,11 +39,12 @@ class AblationRow:
     tome: str | None
     precision: str
     chosen: bool = False
-    kind: str = "ablation"  # baseline | ablation | reference
+    kind: str = "ablation"  # baseline | ablation | reference | runtime
+    runtime: str = "torch"
 
     def bench_config(self, batch_size: int | None) -> BenchConfig:
         return BenchConfig(checkpoint=self.checkpoint, precision=self.precision, tome_r=self.tome,
-                           batch_size=batch_size, label=self.name)
+                           batch_size=batch_size, label=self.name, runtime=self.runtime)
 
 
 def default_bits(device: torch.device, modes: Sequence[Precision]) -> Precision:
@@ -81,11 +85,36 @@ def ablation_rows(
     return rows
 
 
+def runtime_rows(baseline: str, chosen_row: AblationRow, runtime: str, runtimes: Sequence[str],
+                 device: torch.device, baseline_name: str = "DeiT-B/16 baseline") -> list[AblationRow]:
+    """"+ runtime": the chosen configuration in its runtime (where that is not PyTorch; it then is
+    the chosen row), and the baseline in every other runtime at fp32 and at the chosen precision
+    where that runtime runs it -- so the speedup against a baseline deployed well can be read."""
+    rows = []
+    if runtime != "torch":
+        chosen_row.chosen = False
+        rows.append(AblationRow(f"{chosen_row.name} + {runtime}", chosen_row.axes + ("runtime",),
+                                chosen_row.checkpoint, chosen_row.tome, chosen_row.precision, True, "runtime", runtime))
+    for rt in runtimes:
+        if rt == "torch":
+            continue
+        for p in dict.fromkeys(("fp32", chosen_row.precision)):
+            if p in runtime_precisions(rt, device):
+                rows.append(AblationRow(f"{baseline_name} {p} + {rt}", ("runtime",), baseline, None, p,
+                                        kind="runtime", runtime=rt))
+    return rows
+
+
 def row_metrics(row: AblationRow, batches: CachedBatches, device: torch.device, good_class: str | None,
-                progress: bool = False) -> dict[str, Any]:
-    """Test-split metrics of one row, run as measured (ToMe applied, precision prepared)."""
-    base = load_fp32_model(row.bench_config(None))
-    model = prepare_model(apply_spec(base, row.tome), row.precision, device)
+                progress: bool = False, options: BenchOptions | None = None, cache: dict | None = None) -> dict[str, Any]:
+    """Test-split metrics of one row, run as measured (ToMe applied, precision prepared; in its
+    runtime, converted into ``cache``'s folder, where that is not PyTorch)."""
+    cfg = row.bench_config(None)
+    base = apply_spec(load_fp32_model(cfg), row.tome)
+    if row.runtime == "torch":
+        model = prepare_model(base, row.precision, device)
+    else:
+        model = deployed_for(cfg, base, row.precision, options or BenchOptions(), cache).build(device)
     logits, targets = collect_logits(model, batches, device, progress=progress, description=row.name)
     return classification_metrics(logits, targets, base.vitfab_meta.classes, good_class)
 
@@ -97,15 +126,20 @@ def measure_ablation(
     good_class: str | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    calibration: Sequence[np.ndarray] | None = None,
 ) -> list[AblationRecord]:
-    """Every row: test metrics, then speed, latency, memory and energy of all rows interleaved."""
+    """Every row: test metrics, then speed, latency, memory and energy of all rows interleaved
+    (each runtime in a timing worker of its own where rows use several; int8 of a static runtime
+    calibrated on ``calibration``)."""
     device = resolve_device(options.device)
     metrics = []
-    with task("ablation: test split", total=len(rows), enabled=progress) as advance:
-        for row in rows:
-            metrics.append(row_metrics(row, test, device, good_class))
-            advance(1)
-    ms = benchmark([r.bench_config(batch_size) for r in rows], options, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="vitfab-ablation-") as work:
+        cache = {"workdir": work, "calibration": calibration}
+        with task("ablation: test split", total=len(rows), enabled=progress) as advance:
+            for row in rows:
+                metrics.append(row_metrics(row, test, device, good_class, options=options, cache=cache))
+                advance(1)
+        ms = benchmark([r.bench_config(batch_size) for r in rows], options, progress=progress, cache=cache)
     return [ablation_record(r, m, mt, ms[0]) for r, m, mt in zip(rows, ms, metrics)]
 
 
@@ -116,7 +150,7 @@ def ablation_record(row: AblationRow, m: Measurement, metrics: dict[str, Any], b
     """One row as reported: the test metrics and the measurement."""
     return AblationRecord(
         name=row.name, axes=list(row.axes), chosen=row.chosen, kind=row.kind, checkpoint=row.checkpoint, tome=row.tome,
-        precision=row.precision, accuracy=metrics["top1"], macro_f1=metrics["macro_f1"],
+        precision=row.precision, runtime=row.runtime, accuracy=metrics["top1"], macro_f1=metrics["macro_f1"],
         escape_rate=metrics.get("escape_rate"), overkill_rate=metrics.get("overkill_rate"),
         params=m.params, gmacs=round(m.gmacs, 4), img_per_s=round(m.img_per_s, 2),
         speedup=round(m.img_per_s / base.img_per_s, 3) if base.img_per_s else None,

@@ -21,6 +21,7 @@ from ..options import option
 from ..precision import Precision, parse_precision, useful_precisions, with_reference
 from ..progress import console
 from ..runtime import resolve_device
+from ..runtimes import RUNTIMES
 from ..tome import parse_tome_spec
 from ..train import TrainConfig
 
@@ -121,7 +122,10 @@ class JobConfig(DataSettings):
     space: str = option("tiny", help="AutoFormer search space: tiny, small, base or a YAML file.")
     min_reduction: float = option(10.0, help="Search limit: params and GMACs at most the baseline's / this.")
     tome_grid: str = option("none,macs=0.75,macs=0.5,macs=0.35", help="ToMe schedules to try (comma list).")
-    precisions: str | None = option(None, help="Precision modes to try (default: those worth it here).")
+    precisions: str | None = option(None, help="Precision modes to try in PyTorch (default: those worth it here).")
+    runtimes: str = option("auto", help="Deploy runtimes to search (comma list of torch, onnxruntime, openvino, "
+                                        "tensorrt), or auto: every one that runs here. 'torch' alone: PyTorch eager "
+                                        "only, no conversion.")
     references: str = option("resnet18,deit_tiny_patch16_224",
                              help="Models a user would otherwise train, trained on the same split as references (timm "
                                   "names, comma list; 'none' for none). Each gets at least the reference recipe and "
@@ -196,6 +200,7 @@ class JobConfig(DataSettings):
                 raise VitfabError(msg)
         for spec in self.tome_grid.split(","):
             parse_tome_spec(spec)
+        self.runtime_names()
         check_supernet_start(self.supernet_weights, self.supernet_init)
         self.precision_modes(torch.device("cpu") if self.device == "auto" else resolve_device(self.device))
 
@@ -224,6 +229,17 @@ class JobConfig(DataSettings):
 
     def tome_schedules(self) -> list[str | None]:
         return [parse_tome_spec(s) for s in self.tome_grid.split(",") if s.strip()]
+
+    def runtime_names(self) -> list[str]:
+        """--runtimes as a list (auto: all of ``vitfab.runtimes.RUNTIMES``, those that cannot run here
+        are left out with their reason by the joint search)."""
+        names = [n.strip().lower() for n in self.runtimes.split(",") if n.strip()]
+        if names in ([], ["auto"]):
+            return list(RUNTIMES)
+        bad = [n for n in names if n not in RUNTIMES]
+        if bad:
+            raise VitfabError(f"--runtimes takes auto or a comma list of {', '.join(RUNTIMES)}; got '{self.runtimes}'")
+        return names
 
     def precision_modes(self, device: torch.device) -> list[Precision]:
         if self.precisions is None:

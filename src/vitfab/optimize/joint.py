@@ -1,4 +1,5 @@
-"""The joint search: subnet x ToMe schedule x precision, measured, then the choice.
+"""The joint search: subnet x ToMe schedule x precision (x runtime, ``runtime_search``), measured,
+then the choice.
 
 Every combination is a ``JointCandidate``. Its validation metrics are measured with ToMe applied
 off the shelf (no retraining) and the precision mode prepared as it would be deployed, and where
@@ -53,6 +54,9 @@ class JointCandidate:
     latency_ms: float | None = None  # batch 1, median
     joules_per_img: float | None = None
     error: str | None = None  # could not run (unsupported mode, non-finite logits, unreachable schedule)
+    runtime: str = "torch"  # the deploy runtime it was measured in (``vitfab.runtimes``)
+    artifact: str | None = None  # what that runtime runs (None: the checkpoint, in PyTorch)
+    screened_out: bool = False  # timed only in the PyTorch screening pass: not a choice (``runtime_search``)
 
     def score(self, metric: str = "top1") -> float | None:
         """The validation value of one of ``evaluate.metrics.METRICS``."""
@@ -65,7 +69,8 @@ class JointCandidate:
 
     @property
     def key(self) -> str:
-        return f"{self.model} / {self.tome or 'no ToMe'} / {self.precision}"
+        base = f"{self.model} / {self.tome or 'no ToMe'} / {self.precision}"
+        return base if self.runtime == "torch" else f"{base} / {self.runtime}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"key": self.key}
@@ -86,7 +91,7 @@ def objective_value(c: JointCandidate, objective: str) -> float | None:
 
 
 def usable(cands: Sequence[JointCandidate], objective: str, metric: str = "top1") -> list[JointCandidate]:
-    return [c for c in cands if c.error is None and c.score(metric) is not None
+    return [c for c in cands if c.error is None and not c.screened_out and c.score(metric) is not None
             and objective_value(c, objective) is not None]
 
 
@@ -113,7 +118,7 @@ def choose(cands: Sequence[JointCandidate], threshold: float, objective: str,
 
 def shortfall(cands: Sequence[JointCandidate], threshold: float, metric: str) -> str | None:
     """Where no candidate meets both the accuracy requirement and the ceilings: which and by how much."""
-    fitted = [c for c in cands if c.operating is not None and c.error is None]
+    fitted = [c for c in cands if c.operating is not None and c.error is None and not c.screened_out]
     if not fitted or any(c.meets_ceilings and c.score(metric) >= threshold - 1e-12 for c in fitted):
         return None
     if not any(c.meets_ceilings for c in fitted):
@@ -134,6 +139,15 @@ def check_objective(objective: str, device: torch.device) -> None:
         close = getattr(counter, "close", None)
         if close is not None:
             close()
+
+
+def score(c: JointCandidate, outputs: tuple[np.ndarray, np.ndarray], operating) -> None:
+    """Fill ``c``'s validation metrics and operating point from its (logits, targets)."""
+    scores = scores_of(*outputs)
+    c.accuracy, c.macro_f1 = scores["top1"], scores["macro_f1"]
+    c.balanced_accuracy = scores["balanced_accuracy"]
+    fitted = operating(*outputs) if operating is not None else None
+    c.operating = None if fitted is None else fitted.to_dict()
 
 
 def _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar, operating):
@@ -159,11 +173,7 @@ def _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar
                 if err is None:
                     m, outputs, c.error = prepared_outputs(merged, p, val_batches, device)
                     if m is not None:
-                        scores = scores_of(*outputs)
-                        c.accuracy, c.macro_f1 = scores["top1"], scores["macro_f1"]
-                        c.balanced_accuracy = scores["balanced_accuracy"]
-                        fitted = operating(*outputs) if operating is not None else None
-                        c.operating = None if fitted is None else fitted.to_dict()
+                        score(c, outputs, operating)
                         ready.append((c, m))
                 bar.update(t, advance=1, info=c.key)
     return cands, ready

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import asdict
 
 from ..errors import VitfabError
 from ..evaluate.accuracy import METRIC_NAMES, validation_scores
-from ..export import export_deploy
+from ..evaluate.runner import image_batches
+from ..export import export_deploy, export_images
 from ..files import write_json_atomic
 from ..measure.bench import BenchConfig, BenchOptions, benchmark
 from ..measure.speed import default_batch
@@ -20,12 +22,13 @@ from ..progress import console
 from ..records import to_json
 from ..report import write_report
 from ..report.summary import At224, DeployInfo, SpeedRow
-from ..runtimes import load_model
+from ..runtimes import CALIBRATION_IMAGES, load_model
 from ..train.config import checkpoint_model_args
-from .ablation import AblationRow, ablation_rows, default_bits, measure_ablation
+from .ablation import AblationRow, ablation_rows, default_bits, measure_ablation, runtime_rows
 from .budget import search_size
 from .context import JobContext
 from .joint import JointCandidate, choose, joint_front, joint_search, shortfall
+from .runtime_search import resolve_runtimes, runtime_pass
 from .results import (AblationResult, BaselineResult, DataResult, FinalResult, FinetuneResult, JointResult,
                       ReferencesResult, ReportResult, SearchedArch, SearchStageResult, SupernetResult)
 from .summary import build_summary
@@ -110,11 +113,18 @@ def stage_joint(ctx: JobContext, data: DataResult, baseline: BaselineResult, ref
                          batch_size=default_batch(ctx.device), progress=ctx.progress,
                          min_repeat_seconds=repeat_seconds(c.measure_seconds, ctx.budget.share("joint"), timed, 0.5),
                          operating=fit)
+    out = ctx.run.stage_dir("joint")
+    axis = resolve_runtimes(c.runtime_names(), ctx.device)
+    if len(axis.used) > 1:
+        calib = image_batches(split.root, split.train, base_model.vitfab_meta.preprocess, CALIBRATION_IMAGES)
+        cands = runtime_pass(cands, axis, threshold, c.objective, metric, val, ctx.device, out / "artifacts", calib,
+                             load_model, fit, default_batch(ctx.device), progress=ctx.progress,
+                             min_repeat_seconds=repeat_seconds(c.measure_seconds, ctx.budget.share("joint"),
+                                                               timed, 0.5))
     chosen, met = choose(cands, threshold, c.objective, metric)
     missed = shortfall(cands, threshold, metric)
     warning = _weak_requirement(value, len(split.classes), how, metric)
     front = joint_front(cands, c.objective, metric)
-    out = ctx.run.stage_dir("joint")
     out.mkdir(exist_ok=True)
     write_json_atomic(out / "candidates.json", [x.to_dict() for x in cands])
     name = METRIC_NAMES[metric]
@@ -127,19 +137,26 @@ def stage_joint(ctx: JobContext, data: DataResult, baseline: BaselineResult, ref
     return JointResult(metric, baseline_val, ref_val, source, warning, threshold,
                        c.requirement().describe(value, how, name), met, c.objective, [m.value for m in modes],
                        c.tome_schedules(), chosen, [x.key for x in front], str(out / "candidates.json"),
-                       c.ceilings().describe() if fit else None, chosen.meets_ceilings, missed)
+                       c.ceilings().describe() if fit else None, chosen.meets_ceilings, missed, asdict(axis))
 
 
 def stage_export(ctx: JobContext, final: FinalResult) -> DeployInfo:
-    """The chosen model as deploy/ (safetensors, TorchScript, ONNX with ToMe inside), checked
-    against PyTorch fp32 in ONNX Runtime; where that fails the chosen checkpoint stands."""
+    """The chosen model as deploy/ (safetensors, TorchScript, ONNX with ToMe inside, OpenVINO IR, and
+    the chosen runtime's low-precision artifact), checked against PyTorch fp32 on validation images;
+    where that fails the chosen checkpoint stands."""
     try:
-        info = export_deploy(final.checkpoint, ctx.run.deploy)
+        model = load_model(final.checkpoint)
+        calib, check = export_images(ctx.run.root, model, None)
+        info = export_deploy(final.checkpoint, ctx.run.deploy, model=model, calibration=calib, check=check)
     except VitfabError as exc:
         console.print(f"[yellow]warning:[/yellow] export failed: {exc}")
         return DeployInfo(None, str(exc), {})
+    low = info["low_precision_check"]
     console.print("deploy/: " + ", ".join(f"{k} max |logit difference| {v:.1e}"
-                                          for k, v in info["parity_max_abs_diff"].items()))
+                                          for k, v in info["parity_max_abs_diff"].items())
+                  + ("" if low is None else f"; {info['runtime']} {info['precision']}: argmax agreement "
+                                            f"{100 * low['argmax_agreement']:.1f} % of {low['images']} validation images, "
+                                            f"max |logit difference| {low['max_abs_diff']:.2f}"))
     return DeployInfo(str(ctx.run.deploy), None, info["parity_max_abs_diff"])
 
 
@@ -185,14 +202,19 @@ def stage_ablation(ctx: JobContext, data: DataResult, baseline: BaselineResult, 
     rows = ablation_rows(baseline.checkpoint, subnet, final.checkpoint, chosen.tome, chosen.precision, modes,
                          ctx.device, default_tome, name)
     bits = chosen.precision if chosen.precision != "fp32" else default_bits(ctx.device, modes).value
+    used = (joint.runtimes or {}).get("used", ["torch"])
+    rows += runtime_rows(baseline.checkpoint, next(r for r in rows if r.chosen), chosen.runtime, used, ctx.device,
+                         name) if len(used) > 1 else []
     rows += reference_rows(references, bits)
-    test = ctx.loader(split, "test", read_meta(final.checkpoint).preprocess)
+    pre = read_meta(final.checkpoint).preprocess
+    test = ctx.loader(split, "test", pre)
+    calib = image_batches(split.root, split.train, pre, CALIBRATION_IMAGES) if len(used) > 1 else None
     share = ctx.budget.share("ablation")
     repeats = 3 if share is not None else 5
     seconds = repeat_seconds(c.measure_seconds, share, len(rows) * repeats + 6)
     opts = BenchOptions(device=str(ctx.device), repeats=repeats, min_repeat_seconds=seconds,
                         latency_runs=20 if share is not None else 50)
-    records = measure_ablation(rows, test, opts, c.good_class, progress=ctx.progress)
+    records = measure_ablation(rows, test, opts, c.good_class, progress=ctx.progress, calibration=calib)
     at224 = _speed_at_224(ctx, chosen, seconds, split.classes) if c.img_size != 224 and c.speed_at_224 else None
     write_json_atomic(ctx.run.report_dir / "ablation.json", to_json(records))
     return AblationResult(records, at224, default_tome)

@@ -18,11 +18,12 @@ from .results import AblationResult, DataResult, FinalResult, JointResult, Pilot
 def _joint_info(joint: JointResult) -> JointInfo:
     front = set(joint.front)
     rows = [CandidateRow(c.key, c.model, c.accuracy, c.macro_f1, c.gmacs, c.img_per_s, c.latency_ms, c.joules_per_img,
-                         c.error, c.key in front, c.key == joint.chosen.key, c.balanced_accuracy, c.operating)
+                         c.error, c.key in front, c.key == joint.chosen.key, c.balanced_accuracy, c.operating,
+                         c.runtime, c.screened_out)
             for c in joint.candidates()]
     return JointInfo(joint.metric, joint.requirement, joint.requirement_met, joint.requirement_source, joint.threshold,
                      joint.baseline_val, joint.reference_val, joint.warning, joint.objective, joint.schedules,
-                     joint.precisions, rows, joint.ceilings, joint.ceilings_met, joint.shortfall)
+                     joint.precisions, rows, joint.ceilings, joint.ceilings_met, joint.shortfall, joint.runtimes)
 
 
 def verdicts(rows: list[AblationRecord], metric: str) -> list[str]:

@@ -11,7 +11,7 @@ from ..errors import CheckpointError
 from ..evaluate.accuracy import METRIC_NAMES, scores_of, validation_outputs
 from ..evaluate.operating import OperatingPoint, operating_metrics
 from ..evaluate.metrics import classification_metrics
-from ..evaluate.runner import collect_logits, plot_confusion
+from ..evaluate.runner import collect_logits, image_batches, plot_confusion
 from ..files import write_json_atomic
 from ..measure.counts import count_macs, count_params
 from ..models import create_model, save_checkpoint
@@ -19,17 +19,18 @@ from ..models.factory import is_vit
 from ..models.subnet import subnet_kwargs
 from ..nas.extract import extract_to
 from ..nas.train import SupernetConfig, build_supernet, load_supernet
-from ..precision import Precision, prepare_model
+from ..precision import Precision
 from ..progress import console, task
 from ..report.summary import TestMetrics
 from ..rundir import WEIGHTS_FILE
-from ..runtimes import load_model
+from ..runtimes import CALIBRATION_IMAGES, load_model
 from ..tome import apply_spec
 from ..train import TrainConfig
 from ..train.loop import build_model, prepare_split
 from .budget import probe_train_speed
 from .config import REFERENCE_SHARE, passable_classes
 from .context import JobContext
+from .runtime_search import in_runtime
 from .results import (BaselineResult, DataResult, FinalResult, FinetunedModel, FinetuneResult, JointResult,
                       PilotResult, ReferenceModel, ReferencesResult, SearchStageResult, SupernetResult)
 
@@ -346,7 +347,14 @@ def stage_final(ctx: JobContext, data: DataResult, finetune: FinetuneResult, joi
     p = Precision(chosen.precision)
     tuned = load_model(res.run.find_checkpoint("best"))
     val = ctx.loader(split, "val", tuned.vitfab_meta.preprocess)
-    outputs = validation_outputs(prepare_model(tuned, p, ctx.device), val, ctx.device, p)
+    calib = None if chosen.runtime == "torch" else image_batches(split.root, split.train, tuned.vitfab_meta.preprocess,
+                                                                 CALIBRATION_IMAGES)
+    work = ctx.run.stage_dir("final") / "artifacts"
+
+    def deployed(m):  # validation and test run in the runtime and precision it is deployed with
+        return in_runtime(m, chosen.runtime, p.value, ctx.device, work, calib)
+
+    outputs = validation_outputs(deployed(tuned), val, ctx.device, p)
     tuned_val, fit = scores_of(*outputs)[metric], data.operating_fitter(c.ceilings())
     tuned_op = fit(*outputs) if fit is not None else None  # refitted: the weights changed
     # kept where validation is no worse, and its operating point still meets ceilings the choice met
@@ -354,18 +362,20 @@ def stage_final(ctx: JobContext, data: DataResult, finetune: FinetuneResult, joi
     op = (None if tuned_op is None else tuned_op.to_dict()) if keep_tuned else chosen.operating
     source = res.run.find_checkpoint("best") if keep_tuned else Path(chosen.checkpoint)
     model = apply_spec(load_model(source), chosen.tome)
-    save_checkpoint(ctx.run.chosen, model, {"precision": chosen.precision, "choice": chosen.to_dict(),
+    save_checkpoint(ctx.run.chosen, model, {"precision": chosen.precision, "runtime": chosen.runtime,
+                                            "choice": chosen.to_dict(),
                                             "fine_tuned_with_tome": keep_tuned, "run": str(ctx.run.root)}
                     | ({"operating_point": op} if op else {}))
     test = ctx.loader(split, "test", model.vitfab_meta.preprocess)
-    logits, targets = collect_logits(prepare_model(model, p, ctx.device), test, ctx.device, progress=ctx.progress,
+    logits, targets = collect_logits(deployed(model), test, ctx.device, progress=ctx.progress,
                                      description="test (chosen)")
     m = classification_metrics(logits, targets, model.vitfab_meta.classes, c.good_class)
     if op:
         m["operating_point"] = operating_metrics(OperatingPoint.from_dict(op), logits, targets, data.classes)
     write_json_atomic(ctx.run.chosen / "test.json", m)
     plot_confusion(m, ctx.run.report_dir / "confusion_chosen.png",
-                   f"chosen: {chosen.arch}, {chosen.tome or 'no ToMe'}, {chosen.precision} (test)")
+                   f"chosen: {chosen.arch}, {chosen.tome or 'no ToMe'}, {chosen.precision}"
+                   + ("" if chosen.runtime == "torch" else f", {chosen.runtime}") + " (test)")
     name = METRIC_NAMES[metric]
     console.print(f"final fine-tune ({e} epochs with {'ToMe ' + chosen.tome if chosen.tome else 'no ToMe'}): "
                   f"val {name} {100 * tuned_val:.2f} % vs {100 * chosen.score(metric):.2f} % off the shelf -> "

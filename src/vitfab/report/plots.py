@@ -48,11 +48,13 @@ def save_png(fig, path: Path) -> Path:
 
 
 AXIS_COLOURS = {0: "#444444", 1: "#1f77b4", 2: "#ff7f0e", 3: "#d62728"}
-REFERENCE_COLOUR = "#2ca02c"
+REFERENCE_COLOUR, RUNTIME_COLOUR = "#2ca02c", "#9467bd"
 
 
 def row_colour(r: AblationRecord) -> str:
-    return REFERENCE_COLOUR if r.kind == "reference" else AXIS_COLOURS[len(r.axes)]
+    if r.kind in ("reference", "runtime"):
+        return REFERENCE_COLOUR if r.kind == "reference" else RUNTIME_COLOUR
+    return AXIS_COLOURS[len(r.axes)]
 
 
 OBJECTIVE_AXIS = {"throughput": ("img_per_s", "img/s"), "latency": ("latency_ms", "batch-1 latency, ms"),

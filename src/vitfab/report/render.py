@@ -161,11 +161,14 @@ def _deploy(s: Summary) -> list[str]:
         return ["## Deployment", "", f"Export failed: {dep.error}. The chosen checkpoint above still runs with "
                 f"`vitfab predict --checkpoint`.", ""]
     diffs = ", ".join(f"{k} {v:.1e}" for k, v in dep.parity_max_abs_diff.items())
+    rt = s.joint.candidates and next((c.runtime for c in s.joint.candidates if c.chosen), "torch")
+    rt = rt if rt and rt != "torch" else "onnxruntime"
     return ["## Deployment", "",
             f"`{dep.folder}`: safetensors + meta.json, TorchScript, ONNX (opset 17, dynamic batch, ToMe's matching and "
-            f"merges in the graph). Max |logit difference| against PyTorch fp32: {diffs}. Run it with "
-            f"`vitfab predict --model {dep.folder} --runtime onnxruntime --input DIR --out preds.csv`, compare runtimes "
-            f"with `vitfab bench --checkpoint {dep.folder} --tome-r recorded --vs runtime=onnxruntime`.", ""]
+            f"merges in the graph), OpenVINO IR, and the chosen runtime's low-precision graph where it was chosen "
+            f"(see deploy.json). Max |logit difference| against PyTorch fp32 on validation images: {diffs}. Run it "
+            f"with `vitfab predict --model {dep.folder} --runtime {rt} --input DIR --out preds.csv`, compare runtimes "
+            f"with `vitfab bench --checkpoint {dep.folder} --tome-r recorded --vs runtime={rt}`.", ""]
 
 
 def _joint(s: Summary) -> list[str]:
@@ -187,7 +190,25 @@ def _joint(s: Summary) -> list[str]:
     L += [f"| {c.key} | {_pct(metric_of(c, j.metric))} | {_op_cell(c.operating)} | {c.gmacs:.3f} | "
           f"{c.img_per_s:.1f} | {c.latency_ms:.2f} | {'yes' if c.front else ''} |" for c in shown]
     errs = [c for c in j.candidates if c.error]
-    return L + [""] + [f"- not measured: {c.key}: {c.error}" for c in errs] + ([""] if errs else [])
+    L += [""] + [f"- not measured: {c.key}: {c.error}" for c in errs] + ([""] if errs else [])
+    return L + _runtime_lines(j)
+
+
+def _runtime_lines(j) -> list[str]:
+    """What the runtime axis tried, screened out and left out."""
+    axis = j.runtimes
+    if not axis:
+        return []
+    out = sum(c.screened_out for c in j.candidates)
+    L = [f"Runtimes searched: {', '.join(axis['used'])}."]
+    if len(axis["used"]) > 1:
+        L.append(f"Screened by the PyTorch pass: {', '.join(axis['screened']) or 'nothing'} went on to the other "
+                 f"runtimes (converted, int8 calibrated on training images, scored on validation in the runtime) and "
+                 f"were timed again with each runtime in a worker process of its own; {out} PyTorch configurations "
+                 f"of the other pairs were timed in the screening pass only (not a choice; their img/s above is that "
+                 f"pass's).")
+    L += [f"- left out: {rt}: {why}" for rt, why in axis["skipped"].items()]
+    return [" ".join(L[:2])] + L[2:] + [""]
 
 
 def _budget(s: Summary) -> list[str]:
@@ -216,6 +237,9 @@ def terminal_lines(s: Summary) -> list[str]:
     L.append(f"chosen: {ch.arch} | ToMe {ch.tome or 'none'} | {ch.precision}: test {head}top-1 "
              f"{_pct(ch.test.top1)} %{tail}"
              + (f", {speedup:.1f}x DeiT-B/16 fp32 at {s.data.img_size} px" if speedup else ""))
+    dep = s.baseline_deployed
+    if dep is not None and s.deployed_speedup:
+        L.append(f"against DeiT-B/16 in its own best runtime ({dep.name}): {s.deployed_speedup:.1f}x")
     return L + quality_lines(s) + [f"NOTE: {v}" for v in s.verdicts]
 
 

@@ -62,7 +62,7 @@ class AblationRecord:
     name: str
     axes: list[str]
     chosen: bool
-    kind: str  # baseline | ablation (the axes) | reference (a model a user would otherwise train)
+    kind: str  # baseline | ablation (the axes, in PyTorch) | reference (a model a user would otherwise train) | runtime
     checkpoint: str
     tome: str | None
     precision: str
@@ -87,6 +87,7 @@ class AblationRecord:
     classes: list[str]
     escape_note: str | None = None
     balanced_accuracy: float | None = None
+    runtime: str = "torch"
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ class CandidateRow:
     chosen: bool
     balanced_accuracy: float | None = None
     operating: dict[str, Any] | None = None  # its operating point on validation
+    runtime: str = "torch"
+    screened_out: bool = False  # timed in the PyTorch screening pass only
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class JointInfo:
     ceilings: str | None = None  # escape / overkill ceilings and recall floors (None: no good class)
     ceilings_met: bool = True
     shortfall: str | None = None  # which ceiling no candidate met, and by how much
+    runtimes: dict[str, Any] | None = None  # the runtime axis: asked, used, skipped (with why), screened
 
 
 @dataclass(frozen=True)
@@ -278,8 +282,24 @@ class Summary:
         row = self.chosen_row
         return None if row is None else row.speedup
 
+    @property
+    def baseline_deployed(self) -> AblationRecord | None:
+        """The baseline in its own best runtime: its fastest "+ runtime" row whose test top-1 is
+        within a point of its PyTorch fp32 row."""
+        base = self.baseline
+        rows = [r for r in self.ablation if base is not None and r.kind == "runtime" and r.checkpoint == base.checkpoint
+                and r.accuracy >= base.accuracy - 0.01]
+        return max(rows, key=lambda r: r.img_per_s, default=None)
+
+    @property
+    def deployed_speedup(self) -> float | None:
+        """The chosen model against the baseline in its own best runtime (both deployed well)."""
+        row, base = self.chosen_row, self.baseline_deployed
+        return None if row is None or base is None or not base.img_per_s else round(row.img_per_s / base.img_per_s, 3)
+
     def to_dict(self) -> dict[str, Any]:
-        return to_json(self) | {"primary_speedup": self.primary_speedup}  # derived: for readers of the JSON
+        return to_json(self) | {"primary_speedup": self.primary_speedup,  # derived: for readers of the JSON
+                                "deployed_speedup": self.deployed_speedup}
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, self.to_dict())
@@ -290,6 +310,7 @@ class Summary:
         if data.get("format") != SUMMARY_FORMAT:
             raise VitfabError(f"{path}: summary format {data.get('format')!r}, this vitfab reads {SUMMARY_FORMAT}")
         data.pop("primary_speedup", None)
+        data.pop("deployed_speedup", None)
         try:
             return from_json(cls, data)
         except RecordError as exc:

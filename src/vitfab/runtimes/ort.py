@@ -3,7 +3,9 @@ vitfab model.
 
 ``OrtModel`` takes fp32 images and returns fp32 logits with ``vitfab_meta`` set, so ``predict``,
 ``bench`` and the evaluation code take it as they take a PyTorch model. The CPU provider runs
-fp32, and int8 through ONNX Runtime's dynamic quantisation; CUDA's provider where asked for.
+fp32, and int8: a statically quantised graph (QDQ, calibrated on training images) where one was
+made (``model.int8.onnx`` beside the fp32 one), else ONNX Runtime's dynamic quantisation of the
+weights; CUDA's provider where asked for.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..errors import VitfabError
 from ..models.meta import ModelMeta
-from ..rundir import DEPLOY_FILE, ONNX_FILE
+from ..files import writing
+from ..rundir import DEPLOY_FILE, INT8_SUFFIX, ONNX_FILE
 
 ORT_PRECISIONS = ("fp32", "int8")
 
@@ -47,8 +52,9 @@ def onnx_file(path: str | Path) -> Path:
     raise VitfabError(f"no ONNX model at {p}: give a deploy folder (vitfab export) or an .onnx file")
 
 
-def ort_session(path: str | Path, device: str | torch.device = "cpu"):
-    """An ONNX Runtime session on the CPU provider, or CUDA's where asked for and present."""
+def ort_session(path: str | Path, device: str | torch.device = "cpu", threads: int | None = None):
+    """An ONNX Runtime session on the CPU provider, or CUDA's where asked for and present;
+    ``threads``: its intra-op pool (default: ONNX Runtime's, one per core)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -63,7 +69,21 @@ def ort_session(path: str | Path, device: str | torch.device = "cpu"):
     # ORT's worker threads spin after each run by default, taking the cores from whatever runs next
     # (interleaved PyTorch configurations measured 6-10x slower at batch 1); they sleep instead
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = int(threads)
     return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+class _QuietRoot:
+    """ONNX Runtime's quantiser writes its advice (pre-process the graph, biases that are not
+    initializers) to the root logger."""
+
+    def __enter__(self):
+        self.level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        logging.getLogger().setLevel(self.level)
 
 
 def quantize_onnx_int8(path: Path) -> Path:
@@ -71,27 +91,56 @@ def quantize_onnx_int8(path: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = Path(tempfile.mkdtemp(prefix="vitfab-ort-")) / "model.int8.onnx"
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # its advice to pre-process the graph goes to the root logger
-    try:
+    with _QuietRoot():
         quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
-    finally:
-        root.setLevel(level)
     return out
 
 
+def quantize_onnx_static(path: str | Path, calibration: Sequence[np.ndarray], out: str | Path) -> Path:
+    """ONNX Runtime's static int8 quantisation (QDQ, int8 weights per channel and activations),
+    its activation ranges calibrated on ``calibration`` (image batches); metadata kept."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    if not calibration:
+        raise VitfabError("ONNX Runtime static int8 needs calibration images")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"images": b} for b in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    out = Path(out)
+    with _QuietRoot(), writing(out):
+        quantize_static(str(path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def static_int8_file(path: str | Path) -> Path | None:
+    """The statically quantised graph beside an ONNX model (or the file, where it is one), else None."""
+    p = Path(path)
+    if p.is_file():
+        return p if p.name.endswith(INT8_SUFFIX + ".onnx") else None
+    candidate = p / (Path(ONNX_FILE).stem + INT8_SUFFIX + ".onnx")
+    return candidate if candidate.is_file() else None
+
+
 class OrtModel(torch.nn.Module):
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32"):
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32",
+                 threads: int | None = None):
         super().__init__()
         if precision not in ORT_PRECISIONS:
             raise VitfabError(f"onnxruntime runs {' or '.join(ORT_PRECISIONS)} here, not {precision}")
-        self.path = onnx_file(path)
+        static = static_int8_file(path) if precision == "int8" else None
+        self.path = static or onnx_file(path)
         self.vitfab_meta = onnx_meta(self.path)
         self.num_classes = len(self.vitfab_meta.classes)
         self.vitfab_precision = precision
-        self.run_path = quantize_onnx_int8(self.path) if precision == "int8" else self.path
-        self.session = ort_session(self.run_path, device)
+        self.int8_method = None if precision != "int8" else ("static" if static else "dynamic")
+        self.run_path = quantize_onnx_int8(self.path) if self.int8_method == "dynamic" else self.path
+        self.session = ort_session(self.run_path, device, threads)
         if self.run_path != self.path:  # the quantised copy lives as long as the session needs it
             weakref.finalize(self, shutil.rmtree, str(self.run_path.parent), True)
 

@@ -20,6 +20,7 @@ from ..precision import prepare_model, unsupported_reason
 from ..progress import console
 from ..rundir import DEPLOY_FILE, WEIGHTS_FILE
 from ..tome import apply_recorded
+from .openvino import ir_meta
 from .ort import onnx_file, onnx_meta
 
 
@@ -44,13 +45,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", precision: 
 
 
 def model_for_counting(path: str | Path) -> VisionTransformer:
-    """The PyTorch model of an ONNX export, for counting params and MACs: the deploy folder's
+    """The PyTorch model of an ONNX or OpenVINO export, for counting params and MACs: the deploy folder's
     weights where they lie beside the file, else the architecture rebuilt from the file's
     metadata (random weights; counts do not depend on them). ToMe applied as exported."""
-    p = onnx_file(path)
+    p = Path(path) if Path(path).suffix == ".xml" else onnx_file(path)
     if (p.parent / WEIGHTS_FILE).is_file() and (p.parent / DEPLOY_FILE).is_file():
         return load_model(p.parent)
-    model = model_from_meta(onnx_meta(p))
+    model = model_from_meta(ir_meta(p) if p.suffix == ".xml" else onnx_meta(p))
     return apply_recorded(model, model.vitfab_meta.extra.get("tome"))
 
 
