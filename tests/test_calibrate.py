@@ -17,7 +17,7 @@ from vitfab.evaluate.operating import p_good
 from vitfab.evaluate.runner import collect_logits, make_eval_loader
 from vitfab.export import export_deploy
 from vitfab.models import create_model, save_checkpoint
-from vitfab.runtimes import load_model, onnx_meta, ort_session
+from vitfab.runtimes import ir_meta, load_model, onnx_meta, ort_session
 
 CLASSES = ["crack", "good", "void"]
 
@@ -103,6 +103,7 @@ def test_calibrate_changes_only_the_operating_point(images, tmp_path, capsys):
     assert record["after"]["escape_rate"] <= 0.4 and record["before"]["threshold"] == 0.999
     assert json.loads((d / "deploy.json").read_text())["operating_point"] == op
     assert onnx_meta(d / "model.onnx").extra["operating_point"] == op
+    assert ir_meta(d / "model.xml").extra["operating_point"] == op  # the OpenVINO IR rewritten too
     assert load_model(d).vitfab_meta.extra["operating_point"] == op
     old_w = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
     new_w = load_file(str(d / "model.safetensors"))

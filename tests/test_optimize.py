@@ -245,7 +245,7 @@ def tiny_job(**kw) -> JobConfig:
     base = dict(n_per_class=8, img_size=32, patch_size=8, baseline_model="deit_tiny_patch16_224", min_reduction=1.0,
                 baseline_epochs=1, supernet_epochs=1, finetune_epochs=1, final_epochs=1, reference_epochs=1,
                 pilot_epochs=1, references="resnet18", batch_size=16, budget_minutes=0, top_k=1,
-                tome_grid="none,macs=0.5", measure_seconds=0.02, speed_at_224=False, device="cpu")
+                tome_grid="none,macs=0.5", measure_seconds=0.02, speed_at_224=False, device="cpu", runtimes="torch")
     return JobConfig(**(base | kw))
 
 
@@ -254,7 +254,8 @@ def job_run(tmp_path_factory):
     from vitfab.optimize import run_job
 
     out = tmp_path_factory.mktemp("job") / "run"
-    summary = run_job(tiny_job(references="resnet18,deit_tiny_patch16_224", max_escape=30), out=out, progress=False)
+    summary = run_job(tiny_job(references="resnet18,deit_tiny_patch16_224", max_escape=30, runtimes="auto"), out=out,
+                      progress=False)
     return out, summary
 
 
@@ -306,7 +307,16 @@ def test_main_job_writes_the_evidence(job_run):
     assert s["joint"]["requirement_source"] == refs["best"] and set(s["joint"]["reference_val"]) == {"ResNet-18",
                                                                                                       "DeiT-Tiny"}
     cands = json.loads((out / "joint" / "candidates.json").read_text())
-    assert len(cands) == 1 * 2 * len(s["stage_results"]["joint"]["precisions"])  # 1 subnet x 2 schedules
+    in_torch = [c for c in cands if c["runtime"] == "torch"]
+    assert len(in_torch) == 1 * 2 * len(s["stage_results"]["joint"]["precisions"])  # 1 subnet x 2 schedules
+    axis = s["stage_results"]["joint"]["runtimes"]
+    assert axis["used"] == ["torch", "onnxruntime", "openvino"] and "tensorrt" in axis["skipped"]
+    others = [c for c in cands if c["runtime"] != "torch"]  # the screened pairs in every other runtime and precision
+    assert len(others) == len(axis["screened"]) * 4 and all(c["accuracy"] is not None for c in others)
+    assert all(not c["screened_out"] for c in others) and (out / "deploy" / "model.xml").is_file()
+    chosen_rt = s["stage_results"]["joint"]["chosen"]["runtime"]
+    assert json.loads((out / "deploy" / "deploy.json").read_text())["runtime"] == chosen_rt
+    assert {r["runtime"] for r in s["ablation"] if r["kind"] == "runtime"} >= {"onnxruntime", "openvino"}
     md = (out / "report" / "report.md").read_text()
     html = (out / "report" / "report.html").read_text()
     assert s["device"]["name"] in md and "<table>" in html and 'src="pareto.png"' in html

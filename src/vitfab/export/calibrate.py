@@ -25,9 +25,9 @@ from ..evaluate.runner import collect_logits, make_eval_loader
 from ..files import atomic_dir, read_json, write_json_atomic
 from ..models.checkpoint import copy_with_meta, read_meta
 from ..options import RECORDED, option
-from ..rundir import DEPLOY_FILE, META_FILE, ONNX_FILE, WEIGHTS_FILE, kind_of
+from ..rundir import DEPLOY_FILE, META_FILE, WEIGHTS_FILE, kind_of
 from ..runtime import resolve_device
-from ..runtimes import RUNTIMES, load_deployed, set_onnx_metadata
+from ..runtimes import RUNTIMES, load_deployed, set_ir_metadata, set_onnx_metadata
 
 
 CALIBRATION_FILE = "calibration.json"
@@ -125,8 +125,12 @@ def write_operating_point(folder: str | Path, op: dict[str, Any], record: dict[s
                 copy_with_meta(item, dst, meta)
             elif item.name in (META_FILE, DEPLOY_FILE):
                 write_json_atomic(dst, read_json(item) | {"operating_point": op})
-            elif item.name == ONNX_FILE:
+            elif item.suffix == ".onnx":  # model.onnx and a statically quantised model.int8.onnx
                 set_onnx_metadata(item, dst, {"vitfab": json.dumps(meta)})
+            elif item.suffix == ".xml":  # OpenVINO IR: the metadata in its rt_info (its .bin written with it)
+                set_ir_metadata(item, dst, json.dumps(meta))
+            elif item.suffix == ".bin" and item.with_suffix(".xml").is_file():
+                continue
             elif item.is_dir():
                 shutil.copytree(item, dst)
             elif item.name != CALIBRATION_FILE:

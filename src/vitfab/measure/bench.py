@@ -84,16 +84,16 @@ class BenchConfig:
         rt = self.resolved_runtime
         if rt not in RUNTIMES:
             raise VitfabError(f"runtime must be one of {', '.join(RUNTIMES)}, got '{rt}'")
-        exported = self.checkpoint is not None and Path(self.checkpoint).suffix in (".onnx", ".xml")
+        graph = self.checkpoint is not None and Path(self.checkpoint).suffix in (".onnx", ".xml")
         if rt != "torch":
             if self.checkpoint is None:
                 raise VitfabError(f"the {rt} runtime runs a trained model: give a checkpoint, run or deploy folder, "
                                   f"or an exported file")
-            if exported and self.tome_r not in (None, RECORDED):
+            if self.exported and self.tome_r not in (None, RECORDED):
                 raise VitfabError(f"an exported model's ToMe schedule is fixed in its graph: drop --tome-r for {rt}")
             if self.precision not in ("fp32", "fp16", "bf16", "int8"):
                 raise VitfabError(f"{rt} runs fp32, bf16 or int8, not {self.precision}")
-        elif exported:
+        elif graph:
             raise VitfabError(f"{self.checkpoint} is an exported graph: it runs with runtime=onnxruntime or openvino")
 
     def with_overrides(self, spec: str) -> "BenchConfig":

@@ -88,8 +88,9 @@ def ablation_rows(
 def runtime_rows(baseline: str, chosen_row: AblationRow, runtime: str, runtimes: Sequence[str],
                  device: torch.device, baseline_name: str = "DeiT-B/16 baseline") -> list[AblationRow]:
     """"+ runtime": the chosen configuration in its runtime (where that is not PyTorch; it then is
-    the chosen row), and the baseline in every other runtime at fp32 and at the chosen precision
-    where that runtime runs it -- so the speedup against a baseline deployed well can be read."""
+    the chosen row), and the baseline in each of ``runtimes`` but PyTorch at fp32 and at the chosen
+    precision where that runtime runs it -- so the speedup against a baseline deployed well can be
+    read (with a tight budget the main job passes the chosen runtime alone)."""
     rows = []
     if runtime != "torch":
         chosen_row.chosen = False

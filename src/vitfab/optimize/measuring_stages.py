@@ -28,9 +28,9 @@ from .ablation import AblationRow, ablation_rows, default_bits, measure_ablation
 from .budget import search_size
 from .context import JobContext
 from .joint import JointCandidate, choose, joint_front, joint_search, shortfall
-from .runtime_search import resolve_runtimes, runtime_pass
 from .results import (AblationResult, BaselineResult, DataResult, FinalResult, FinetuneResult, JointResult,
                       ReferencesResult, ReportResult, SearchedArch, SearchStageResult, SupernetResult)
+from .runtime_search import TIGHT_SHARE, resolve_runtimes, runtime_pass, screen_size
 from .summary import build_summary
 
 
@@ -120,7 +120,9 @@ def stage_joint(ctx: JobContext, data: DataResult, baseline: BaselineResult, ref
         cands = runtime_pass(cands, axis, threshold, c.objective, metric, val, ctx.device, out / "artifacts", calib,
                              load_model, fit, default_batch(ctx.device), progress=ctx.progress,
                              min_repeat_seconds=repeat_seconds(c.measure_seconds, ctx.budget.share("joint"),
-                                                               timed, 0.5))
+                                                               timed, 0.5), limit=screen_size(ctx.budget.share("joint")))
+        console.print(f"runtimes: {', '.join(axis.used)}; {', '.join(axis.screened) or 'nothing'} went on from the "
+                      f"PyTorch pass, {axis.screened_out} PyTorch configurations screened out")
     chosen, met = choose(cands, threshold, c.objective, metric)
     missed = shortfall(cands, threshold, metric)
     warning = _weak_requirement(value, len(split.classes), how, metric)
@@ -203,13 +205,15 @@ def stage_ablation(ctx: JobContext, data: DataResult, baseline: BaselineResult, 
                          ctx.device, default_tome, name)
     bits = chosen.precision if chosen.precision != "fp32" else default_bits(ctx.device, modes).value
     used = (joint.runtimes or {}).get("used", ["torch"])
-    rows += runtime_rows(baseline.checkpoint, next(r for r in rows if r.chosen), chosen.runtime, used, ctx.device,
+    share = ctx.budget.share("ablation")
+    rows += runtime_rows(baseline.checkpoint, next(r for r in rows if r.chosen), chosen.runtime,
+                         used if share is None or share >= TIGHT_SHARE else [next(r for r in (chosen.runtime, *used)
+                                                                                  if r != "torch")], ctx.device,
                          name) if len(used) > 1 else []
     rows += reference_rows(references, bits)
     pre = read_meta(final.checkpoint).preprocess
     test = ctx.loader(split, "test", pre)
     calib = image_batches(split.root, split.train, pre, CALIBRATION_IMAGES) if len(used) > 1 else None
-    share = ctx.budget.share("ablation")
     repeats = 3 if share is not None else 5
     seconds = repeat_seconds(c.measure_seconds, share, len(rows) * repeats + 6)
     opts = BenchOptions(device=str(ctx.device), repeats=repeats, min_repeat_seconds=seconds,

@@ -35,6 +35,13 @@ from ..tome import apply_spec
 from .joint import JointCandidate, choose, joint_front, objective_value, score
 
 SCREEN = 3  # (model, schedule) pairs that go on from the PyTorch pass to the other runtimes
+TIGHT_SHARE = 300.0  # seconds: a joint stage with less than this goes on with one pair only
+
+
+def screen_size(share: float | None) -> int:
+    """How many pairs go on: ``SCREEN``, or one where the stage's budget share is tight (a
+    conversion, two calibrations and the isolated timing cost about a minute a pair on 2 cores)."""
+    return SCREEN if share is None or share >= TIGHT_SHARE else 1
 
 
 @dataclass
@@ -107,11 +114,12 @@ def _converted(pair_cands: Sequence[JointCandidate], runtimes: Sequence[str], de
 def runtime_pass(cands: list[JointCandidate], axis: RuntimeAxis, threshold: float, objective: str, metric: str,
                  val: CachedBatches, device: torch.device, workdir: Path, calibration: Sequence[np.ndarray],
                  load: Callable, operating=None, batch_size: int = 16, repeats: int = 3,
-                 min_repeat_seconds: float = 0.25, latency_runs: int = 20, progress: bool = True) -> list[JointCandidate]:
+                 min_repeat_seconds: float = 0.25, latency_runs: int = 20, progress: bool = True,
+                 limit: int = SCREEN) -> list[JointCandidate]:
     """``cands`` (the PyTorch pass, measured) with the other runtimes' candidates added and the
-    survivors timed again, isolated; the rest marked ``screened_out``."""
+    survivors (at most ``limit`` pairs) timed again, isolated; the rest marked ``screened_out``."""
     others = [rt for rt in axis.used if rt != "torch"]
-    pairs = screen(cands, threshold, objective, metric) if others else []
+    pairs = screen(cands, threshold, objective, metric, limit) if others else []
     if not pairs:
         return cands
     axis.screened = [f"{m} / {t or 'no ToMe'}" for m, t in pairs]

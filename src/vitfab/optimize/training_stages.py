@@ -30,9 +30,9 @@ from ..train.loop import build_model, prepare_split
 from .budget import probe_train_speed
 from .config import REFERENCE_SHARE, passable_classes
 from .context import JobContext
-from .runtime_search import in_runtime
 from .results import (BaselineResult, DataResult, FinalResult, FinetunedModel, FinetuneResult, JointResult,
                       PilotResult, ReferenceModel, ReferencesResult, SearchStageResult, SupernetResult)
+from .runtime_search import in_runtime
 
 LABELS = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "deit_tiny_patch16_224": "DeiT-Tiny",
           "deit_small_patch16_224": "DeiT-S", "efficientnet_b0": "EfficientNet-B0",

@@ -89,6 +89,13 @@ def _chosen(s: Summary) -> list[str]:
                  f"fewer params, {base.gmacs / row.gmacs:.1f}x fewer GMACs, test top-1 "
                  f"{100 * (row.accuracy - base.accuracy):+.2f} points"
                  + (f"; at 224 px (random weights, speed only) {s.at_224.speedup:.1f}x" if s.at_224 else ""))
+        if row.runtime != "torch":
+            L.append(f"- deployed in {row.runtime} {row.precision} (the runtime it was chosen in; the same model in "
+                     f"PyTorch is the ablation's row without '+ {row.runtime}')")
+        dep = s.baseline_deployed
+        if dep is not None and s.deployed_speedup:
+            L.append(f"- against DeiT-B/16 deployed well, in its own best runtime ({dep.name}, test top-1 "
+                     f"{_pct(dep.accuracy)} %): **{s.deployed_speedup:.2f}x throughput**")
     L += [f"- checkpoint: `{ch.checkpoint}` (ToMe schedule and precision recorded); run it with "
           f"`vitfab predict --checkpoint {ch.checkpoint} --input DIR --out preds.csv`", ""]
     return L
@@ -188,7 +195,8 @@ def _joint(s: Summary) -> list[str]:
     shown = sorted(ok, key=rank)[:15]  # best on the objective first; the choice always listed
     shown += [c for c in ok if c.chosen and c not in shown]
     L += [f"| {c.key} | {_pct(metric_of(c, j.metric))} | {_op_cell(c.operating)} | {c.gmacs:.3f} | "
-          f"{c.img_per_s:.1f} | {c.latency_ms:.2f} | {'yes' if c.front else ''} |" for c in shown]
+          f"{c.img_per_s:.1f} | {c.latency_ms:.2f} | {'yes' if c.front else ('screened out' if c.screened_out else '')} |"
+          for c in shown]
     errs = [c for c in j.candidates if c.error]
     L += [""] + [f"- not measured: {c.key}: {c.error}" for c in errs] + ([""] if errs else [])
     return L + _runtime_lines(j)

@@ -29,7 +29,7 @@ from ..precision import prepare_model, useful_precisions
 from ..rundir import DEPLOY_FILE, INT8_SUFFIX, ONNX_FILE, OPENVINO_FILE, TENSORRT_FILE
 from ..tome import apply_spec
 from .onnx import OPSET, example_input, set_onnx_metadata, to_onnx
-from .openvino import OvModel, ir_meta, onnx_to_ir, ov_precisions, quantize_ir
+from .openvino import OvModel, ir_meta, onnx_to_ir, ov_precisions, quantize_ir, set_ir_metadata
 from .ort import ORT_PRECISIONS, OrtModel, onnx_file, onnx_meta, ort_session, quantize_onnx_static
 from .pytorch import load_model, load_torchscript, model_for_counting
 from .tensorrt import TRT_PRECISIONS, TrtModel, build_engine, tensorrt_reason
@@ -169,4 +169,4 @@ def _recorded_precision(path: Path, runtime: str, device) -> str:
 __all__ = ["CALIBRATION_IMAGES", "OPSET", "ORT_PRECISIONS", "RECORDED", "RUNTIMES", "STATIC_INT8", "Deployed", "OrtModel", "OvModel",
            "TrtModel", "artifact_name", "convert", "example_input", "ir_meta", "load_deployed", "load_model",
            "load_torchscript", "model_for_counting", "onnx_file", "onnx_meta", "ort_session", "runtime_precisions",
-           "runtime_reason", "set_onnx_metadata", "tensorrt_reason", "to_onnx"]
+           "runtime_reason", "set_ir_metadata", "set_onnx_metadata", "tensorrt_reason", "to_onnx"]

@@ -60,6 +60,11 @@ def _save_ir(model, path: Path, meta_json: str) -> Path:
     return path
 
 
+def set_ir_metadata(src: str | Path, dst: str | Path, meta_json: str) -> Path:
+    """The IR ``src`` (and its .bin) as ``dst`` with vitfab's metadata replaced."""
+    return _save_ir(_ov().Core().read_model(str(src)), Path(dst), meta_json)
+
+
 def onnx_to_ir(onnx_path: str | Path, xml_path: str | Path) -> Path:
     """vitfab's ONNX graph as an fp32 OpenVINO IR, its metadata carried over."""
     import onnx
