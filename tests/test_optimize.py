@@ -20,6 +20,7 @@ from vitfab.optimize.budget import search_size
 
 WEIGHTS = {s.name: s.weight for s in PIPELINE}
 from vitfab.precision import Precision
+from vitfab.runtimes import runtime_precisions
 
 
 def cand(name, acc, ips, gmacs=1.0, error=None, lat=None):
@@ -245,7 +246,8 @@ def tiny_job(**kw) -> JobConfig:
     base = dict(n_per_class=8, img_size=32, patch_size=8, baseline_model="deit_tiny_patch16_224", min_reduction=1.0,
                 baseline_epochs=1, supernet_epochs=1, finetune_epochs=1, final_epochs=1, reference_epochs=1,
                 pilot_epochs=1, references="resnet18", batch_size=16, budget_minutes=0, top_k=1,
-                tome_grid="none,macs=0.5", measure_seconds=0.02, speed_at_224=False, device="cpu", runtimes="torch")
+                tome_grid="none,macs=0.5", measure_seconds=0.02, speed_at_224=False, device="cpu", runtimes="torch",
+                tome_search=False)
     return JobConfig(**(base | kw))
 
 
@@ -254,8 +256,8 @@ def job_run(tmp_path_factory):
     from vitfab.optimize import run_job
 
     out = tmp_path_factory.mktemp("job") / "run"
-    summary = run_job(tiny_job(references="resnet18,deit_tiny_patch16_224", max_escape=30, runtimes="auto"), out=out,
-                      progress=False)
+    summary = run_job(tiny_job(references="resnet18,deit_tiny_patch16_224", max_escape=30, runtimes="auto",
+                               tome_search=True), out=out, progress=False)
     return out, summary
 
 
@@ -271,6 +273,7 @@ def test_main_job_writes_the_evidence(job_run):
               "deploy/deploy.json"):
         assert (out / f).is_file(), f
     s = json.loads((out / "summary.json").read_text())
+    assert (out / "report" / "tome_schedule.png").is_file() == bool(s["chosen"]["tome"])
     assert s["device"]["type"] == "cpu" and s["device"]["threads"] >= 1
     assert s["chosen"]["precision"] in ("fp32", "bf16", "int8") and "tome" in s["chosen"]
     assert len(s["ablation"]) >= 8 and s["ablation"][0]["speedup"] == 1.0
@@ -285,7 +288,13 @@ def test_main_job_writes_the_evidence(job_run):
     assert s["primary_speedup"] == chosen_row["speedup"]  # trained weights, trained size, vs DeiT-B/16 fp32
     from vitfab.report.summary import Summary
 
-    assert Summary.load(out / "summary.json").to_dict() == s  # the report can be rendered from the file alone
+    loaded = Summary.load(out / "summary.json")
+    assert loaded.to_dict() == s  # the report can be rendered from the file alone
+    base, dep = loaded.baseline, loaded.baseline_deployed  # DeiT-B/16 at its best: no faster deployment of it as good
+    assert dep.checkpoint == base.checkpoint and dep.tome is None
+    assert all(dep.img_per_s >= r.img_per_s for r in loaded.ablation
+               if r.checkpoint == base.checkpoint and r.tome is None and r.accuracy >= base.accuracy - 0.01)
+    assert s["deployed_speedup"] <= s["primary_speedup"] + 1e-9
     assert max(s["deploy"]["parity_max_abs_diff"].values()) <= 1e-3  # the chosen model in ONNX Runtime
     models = s["stage_results"]["finetune"]["models"]
     assert [m["label"] for m in models] == ["subnet-1"]
@@ -308,11 +317,21 @@ def test_main_job_writes_the_evidence(job_run):
                                                                                                       "DeiT-Tiny"}
     cands = json.loads((out / "joint" / "candidates.json").read_text())
     in_torch = [c for c in cands if c["runtime"] == "torch"]
-    assert len(in_torch) == 1 * 2 * len(s["stage_results"]["joint"]["precisions"])  # 1 subnet x 2 schedules
+    probes = s["stage_results"]["joint"]["schedule_search"]  # the searched schedule of macs=0.5 (issue 20)
+    assert [p["model"] for p in probes] == ["subnet-1"]
+    assert [x["target"] for x in probes[0]["schedules"]] == ["macs=0.5"]
+    searched = [x for x in probes[0]["schedules"] if not x["is_fixed"]]  # the constant r again is not repeated
+    precisions = len(s["stage_results"]["joint"]["precisions"])
+    assert len(in_torch) == (2 + len(searched)) * precisions  # 1 subnet x (2 schedules + the searched one)
+    for x in searched:
+        mine = [c for c in in_torch if c["tome_name"] == "searched macs=0.5"]
+        assert len(mine) == precisions and all(c["r_per_layer"] == x["r_per_layer"] for c in mine)
+        assert all(c["key"].startswith("subnet-1 / searched macs=0.5 / ") for c in mine)
     axis = s["stage_results"]["joint"]["runtimes"]
     assert axis["used"] == ["torch", "onnxruntime", "openvino"] and "tensorrt" in axis["skipped"]
     others = [c for c in cands if c["runtime"] != "torch"]  # the screened pairs in every other runtime and precision
-    assert len(others) == len(axis["screened"]) * 4 and all(c["accuracy"] is not None for c in others)
+    per_pair = sum(len(runtime_precisions(rt, "cpu")) for rt in axis["used"] if rt != "torch")  # OpenVINO bf16 where native
+    assert len(others) == len(axis["screened"]) * per_pair and all(c["accuracy"] is not None for c in others)
     assert all(not c["screened_out"] for c in others) and (out / "deploy" / "model.xml").is_file()
     chosen_rt = s["stage_results"]["joint"]["chosen"]["runtime"]
     assert json.loads((out / "deploy" / "deploy.json").read_text())["runtime"] == chosen_rt

@@ -35,13 +35,17 @@ class CachedBatches:
         return tuple(self.batches[0][0].shape[-2:])
 
 
+def evenly_spaced(samples: Sequence[tuple[str, int]], count: int) -> list[tuple[str, int]]:
+    """``count`` of ``samples``, evenly spaced through the list, so every class of a sorted split is drawn."""
+    step = max(len(samples) / max(count, 1), 1.0)
+    return [samples[int(i * step)] for i in range(min(count, len(samples)))]
+
+
 def image_batches(root: str | Path, samples: Sequence[tuple[str, int]], pre: Preprocess, count: int,
                   batch_size: int = 16) -> list[np.ndarray]:
-    """``count`` of ``samples`` (evenly spaced through the list, so every class of a sorted split
-    is drawn) read as fp32 image batches: a runtime's calibration set, or a held-back check batch."""
-    step = max(len(samples) / max(count, 1), 1.0)
-    picked = [samples[int(i * step)] for i in range(min(count, len(samples)))]
-    loader = make_eval_loader(root, picked, pre, batch_size, workers=0)
+    """``count`` of ``samples`` (``evenly_spaced``) read as fp32 image batches: a runtime's
+    calibration set, or a held-back check batch."""
+    loader = make_eval_loader(root, evenly_spaced(samples, count), pre, batch_size, workers=0)
     return [x.numpy() for x, _ in loader]
 
 

@@ -65,19 +65,23 @@ def ablation_rows(
     device: torch.device,
     default_tome: str,
     baseline_name: str = "DeiT-B/16 baseline",
+    baseline_tome: str | None = None,
 ) -> list[AblationRow]:
     """``subnet``: the chosen subnet's weights before the final ToMe fine-tune, ``subnet_tome``:
-    after it (the same folder where the choice has no ToMe)."""
+    after it (the same folder where the choice has no ToMe). ``baseline_tome``: the schedule of the
+    baseline's ToMe rows where it cannot be the chosen one (a searched schedule is one r per block
+    of the subnet: the baseline then merges to the target it was searched for)."""
     tome_s = chosen_tome or default_tome
+    tome_b = baseline_tome or tome_s
     bits = chosen_precision if chosen_precision != Precision.FP32.value else default_bits(device, bit_modes).value
     fp32 = Precision.FP32.value
     rows = [AblationRow(baseline_name, (), baseline, None, fp32, kind="baseline"),
             AblationRow("NAS", ("nas",), subnet, None, fp32),
-            AblationRow(f"ToMe {tome_s}", ("tome",), baseline, tome_s, fp32)]
+            AblationRow(f"ToMe {tome_b}", ("tome",), baseline, tome_b, fp32)]
     rows += [AblationRow(p.value, ("bits",), baseline, None, p.value) for p in bit_modes if p != Precision.FP32]
     rows += [AblationRow("NAS + ToMe", ("nas", "tome"), subnet_tome, tome_s, fp32),
              AblationRow(f"NAS + {bits}", ("nas", "bits"), subnet, None, bits),
-             AblationRow(f"ToMe + {bits}", ("tome", "bits"), baseline, tome_s, bits),
+             AblationRow(f"ToMe + {bits}", ("tome", "bits"), baseline, tome_b, bits),
              AblationRow(f"NAS + ToMe + {bits}", AXES, subnet_tome, tome_s, bits)]
     chosen_axes = ("nas",) + (("tome",) if chosen_tome else ()) + (("bits",) if chosen_precision != fp32 else ())
     for row in rows:

@@ -122,6 +122,8 @@ class JobConfig(DataSettings):
     space: str = option("tiny", help="AutoFormer search space: tiny, small, base or a YAML file.")
     min_reduction: float = option(10.0, help="Search limit: params and GMACs at most the baseline's / this.")
     tome_grid: str = option("none,macs=0.75,macs=0.5,macs=0.35", help="ToMe schedules to try (comma list).")
+    tome_search: bool = option(True, help="Also search a per-block ToMe schedule for each macs= target of the grid "
+                                          "and each trained model (--no-tome-search: the grid alone).")
     precisions: str | None = option(None, help="Precision modes to try in PyTorch (default: those worth it here).")
     runtimes: str = option("auto", help="Deploy runtimes to search (comma list of torch, onnxruntime, openvino, "
                                         "tensorrt), or auto: every one that runs here. 'torch' alone: PyTorch eager "

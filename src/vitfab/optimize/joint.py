@@ -57,6 +57,7 @@ class JointCandidate:
     runtime: str = "torch"  # the deploy runtime it was measured in (``vitfab.runtimes``)
     artifact: str | None = None  # what that runtime runs (None: the checkpoint, in PyTorch)
     screened_out: bool = False  # timed only in the PyTorch screening pass: not a choice (``runtime_search``)
+    tome_name: str | None = None  # a searched schedule's name, e.g. "searched macs=0.35" (``tome`` is its r list)
 
     def score(self, metric: str = "top1") -> float | None:
         """The validation value of one of ``evaluate.metrics.METRICS``."""
@@ -69,8 +70,14 @@ class JointCandidate:
 
     @property
     def key(self) -> str:
-        base = f"{self.model} / {self.tome or 'no ToMe'} / {self.precision}"
+        base = f"{self.model} / {self.tome_name or self.tome or 'no ToMe'} / {self.precision}"
         return base if self.runtime == "torch" else f"{base} / {self.runtime}"
+
+    @property
+    def tome_target(self) -> str | None:
+        """The fixed target a searched schedule was searched for (its ``tome`` otherwise): what a
+        model of another depth or resolution merges to stand for this candidate's schedule."""
+        return self.tome_name.split(" ", 1)[1] if self.tome_name else self.tome
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"key": self.key}
@@ -150,15 +157,16 @@ def score(c: JointCandidate, outputs: tuple[np.ndarray, np.ndarray], operating) 
     c.operating = None if fitted is None else fitted.to_dict()
 
 
-def _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar, operating):
+def _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar, operating, searched):
     """Every (model, schedule, precision) with its validation metrics and operating point; and the
-    prepared models."""
+    prepared models. ``searched[label]``: (name, spec) of that model's searched schedules."""
     cands: list[JointCandidate] = []
     ready: list[tuple[JointCandidate, torch.nn.Module]] = []
-    t = bar.add_task("joint search: accuracy", total=len(models) * len(schedules) * len(precisions), info="")
+    total = sum(len(schedules) + len(searched.get(label, ())) for label, _, _ in models) * len(precisions)
+    t = bar.add_task("joint search: accuracy", total=total, info="")
     for label, ckpt, arch in models:
         fp32 = load(ckpt)
-        for spec in schedules:
+        for name, spec in [(None, s) for s in schedules] + list(searched.get(label, ())):
             try:  # a copy per schedule: tome.apply patches in place
                 merged, err = apply_spec(copy.deepcopy(fp32), spec), None
             except ScheduleError as exc:
@@ -168,7 +176,7 @@ def _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar
             macs = count_macs(merged) if merged is not None else 0
             for p in precisions:
                 c = JointCandidate(label, ckpt, spec, p.value, arch, params, macs / 1e9,
-                                   info["r_per_layer"] if info else [], error=err)
+                                   info["r_per_layer"] if info else [], error=err, tome_name=name)
                 cands.append(c)
                 if err is None:
                     m, outputs, c.error = prepared_outputs(merged, p, val_batches, device)
@@ -193,16 +201,20 @@ def joint_search(
     progress: bool = True,
     load: Callable[[str], torch.nn.Module] = load_model,
     operating: Callable[[np.ndarray, np.ndarray], OperatingPoint] | None = None,
+    searched: dict[str, Sequence[tuple[str, str]]] | None = None,
 ) -> list[JointCandidate]:
     """Every (model, schedule, precision): validation metrics, then speed, interleaved.
 
     ``models``: (label, checkpoint, arch description). ``load(checkpoint)`` gives the fp32 model
     (default ``vitfab.load_model``). ``operating(logits, targets)``: the operating point fitted on
     a candidate's validation outputs (as prepared), where the data have a good class.
+    ``searched[label]``: (name, per-block spec) of schedules searched for that model alone, tried
+    after the grid's.
     """
     device = torch.device(device)
     with make_progress(progress) as bar:
-        cands, ready = _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar, operating)
+        cands, ready = _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar, operating,
+                                      searched or {})
         if ready:
             items = [Timed(m, val_batches.image_size, batch_size) for _, m in ready]
             energy = MIN_WINDOW_SECONDS if objective == "energy" else None

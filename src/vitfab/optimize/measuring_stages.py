@@ -23,6 +23,7 @@ from ..records import to_json
 from ..report import write_report
 from ..report.summary import At224, DeployInfo, SpeedRow
 from ..runtimes import CALIBRATION_IMAGES, load_model
+from ..tome import Schedule
 from ..train.config import checkpoint_model_args
 from .ablation import AblationRow, ablation_rows, default_bits, measure_ablation, runtime_rows
 from .budget import search_size
@@ -31,6 +32,7 @@ from .joint import JointCandidate, choose, joint_front, joint_search, shortfall
 from .results import (AblationResult, BaselineResult, DataResult, FinalResult, FinetuneResult, JointResult,
                       ReferencesResult, ReportResult, SearchedArch, SearchStageResult, SupernetResult)
 from .runtime_search import TIGHT_SHARE, resolve_runtimes, runtime_pass, screen_size
+from .schedule_search import probe_batches, probe_record, search_schedules
 from .summary import build_summary
 
 
@@ -90,6 +92,29 @@ def repeat_seconds(given: float | None, share: float | None, repeats: int, cap: 
     return cap if share is None else min(cap, max(0.1, 0.4 * share / max(repeats, 1)))
 
 
+def _searched_schedules(ctx: JobContext, split, models, out) -> tuple[dict[str, list[tuple[str, str]]], list]:
+    """Each trained model's searched schedule for each macs= target of the grid (``schedule_search``),
+    within about a third of the joint stage's share; written to joint/schedules.json."""
+    targets = [s for s in ctx.config.tome_schedules() if s and Schedule.parse(s).kind == "macs"]
+    if not ctx.config.tome_search or not targets:
+        return {}, []
+    share = ctx.budget.share("joint")
+    searched, records = {}, []
+    for label, ckpt, _ in models:
+        model = load_model(ckpt)
+        batches = probe_batches(split.root, split.train, model.vitfab_meta.preprocess)
+        probe = search_schedules(label, model, targets, batches, ctx.device,
+                                 None if share is None else share / 3 / len(models), ctx.config.seed)
+        records.append(probe_record(probe))
+        searched[label] = [(s.name, s.spec) for s in probe.schedules if not s.is_fixed]
+        console.print(f"ToMe schedules searched for {label} in {probe.seconds:.0f} s: " + "; ".join(
+            f"{s.target}: r {s.spec} (probe loss {s.loss:.3f}, the constant r's {s.fixed_loss:.3f})"
+            for s in probe.schedules))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "schedules.json", records)
+    return searched, records
+
+
 def stage_joint(ctx: JobContext, data: DataResult, baseline: BaselineResult, references: ReferencesResult,
                 finetune: FinetuneResult) -> JointResult:
     c, split = ctx.config, data.load_split()
@@ -107,13 +132,15 @@ def stage_joint(ctx: JobContext, data: DataResult, baseline: BaselineResult, ref
     threshold = c.requirement().threshold(value)
     models = [(m.label, m.checkpoint, m.arch) for m in finetune.models]
     modes = c.precision_modes(ctx.device)
-    timed = len(models) * len(c.tome_schedules()) * len(modes) * 3  # three interleaved repeats each
     fit = data.operating_fitter(c.ceilings())
+    out = ctx.run.stage_dir("joint")
+    searched, probes = _searched_schedules(ctx, split, models, out)
+    configs = len(models) * len(c.tome_schedules()) + sum(len(v) for v in searched.values())
+    timed = configs * len(modes) * 3  # three interleaved repeats each
     cands = joint_search(models, c.tome_schedules(), modes, val, ctx.device, c.objective,
                          batch_size=default_batch(ctx.device), progress=ctx.progress,
                          min_repeat_seconds=repeat_seconds(c.measure_seconds, ctx.budget.share("joint"), timed, 0.5),
-                         operating=fit)
-    out = ctx.run.stage_dir("joint")
+                         operating=fit, searched=searched)
     axis = resolve_runtimes(c.runtime_names(), ctx.device)
     if len(axis.used) > 1:
         calib = image_batches(split.root, split.train, base_model.vitfab_meta.preprocess, CALIBRATION_IMAGES)
@@ -139,7 +166,8 @@ def stage_joint(ctx: JobContext, data: DataResult, baseline: BaselineResult, ref
     return JointResult(metric, baseline_val, ref_val, source, warning, threshold,
                        c.requirement().describe(value, how, name), met, c.objective, [m.value for m in modes],
                        c.tome_schedules(), chosen, [x.key for x in front], str(out / "candidates.json"),
-                       c.ceilings().describe() if fit else None, chosen.meets_ceilings, missed, asdict(axis))
+                       c.ceilings().describe() if fit else None, chosen.meets_ceilings, missed, asdict(axis),
+                       probes or None)
 
 
 def stage_export(ctx: JobContext, final: FinalResult) -> DeployInfo:
@@ -173,8 +201,8 @@ def _speed_at_224(ctx: JobContext, chosen: JointCandidate, seconds: float, class
     folder = ctx.run.stage_dir("ablation") / "chosen-arch-224"
     save_checkpoint(folder, m, {"note": "random weights; for speed only"})
     cfgs = [BenchConfig(model=BASELINE, img_size=224, label="DeiT-B/16 fp32 @224"),
-            BenchConfig(checkpoint=str(folder), precision=chosen.precision, tome_r=chosen.tome,
-                        label=f"chosen @224 ({chosen.arch}, {chosen.tome or 'no ToMe'}, {chosen.precision})")]
+            BenchConfig(checkpoint=str(folder), precision=chosen.precision, tome_r=chosen.tome_target,
+                        label=f"chosen @224 ({chosen.arch}, {chosen.tome_target or 'no ToMe'}, {chosen.precision})")]
     opts = BenchOptions(device=str(ctx.device), repeats=3, min_repeat_seconds=seconds, latency_runs=10, energy=False)
     ms = benchmark(cfgs, opts, progress=ctx.progress)
     rows = [SpeedRow(x.label, x.params, round(x.gmacs, 4), round(x.img_per_s, 2), round(x.latency_ms["p50"], 3),
@@ -202,7 +230,7 @@ def stage_ablation(ctx: JobContext, data: DataResult, baseline: BaselineResult, 
     name = "DeiT-B/16 baseline" if c.baseline_model == BASELINE else f"{c.baseline_model} baseline"
     modes = c.precision_modes(ctx.device)
     rows = ablation_rows(baseline.checkpoint, subnet, final.checkpoint, chosen.tome, chosen.precision, modes,
-                         ctx.device, default_tome, name)
+                         ctx.device, default_tome, name, chosen.tome_target)
     bits = chosen.precision if chosen.precision != "fp32" else default_bits(ctx.device, modes).value
     used = (joint.runtimes or {}).get("used", ["torch"])
     share = ctx.budget.share("ablation")

@@ -165,6 +165,7 @@ class JointResult:
     ceilings_met: bool = True  # whether the chosen candidate's operating point meets them
     shortfall: str | None = None  # where no candidate met them all: which and by how much
     runtimes: dict[str, Any] | None = None  # the runtime axis (``runtime_search.RuntimeAxis`` as a dict)
+    schedule_search: list[dict[str, Any]] | None = None  # per model: the probe and its searched schedules
 
     def candidates(self) -> list[JointCandidate]:
         return [JointCandidate.from_dict(c) for c in read_json(self.candidates_file)]

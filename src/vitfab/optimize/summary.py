@@ -72,7 +72,7 @@ def build_summary(ctx: JobContext, results: dict[str, Any], wall_seconds: float 
         objective=c.objective,
         joint=_joint_info(joint),
         chosen=ChosenInfo(ch.model, ch.arch, ch.tome, ch.precision, ch.r_per_layer, ch.params, ch.gmacs,
-                          final.checkpoint, final.val, final.test),
+                          final.checkpoint, final.val, final.test, ch.tome_name),
         references=[ReferenceInfo(m.label, m.name, m.checkpoint, m.epochs, m.seconds, m.budget_seconds, m.val_top1,
                                   m.val_macro_f1, m.start, m.val_balanced_accuracy) for m in references.models],
         teaching=TeachingInfo(references.teacher_label, references.teacher, pilot.mode, pilot.reason),

@@ -168,3 +168,29 @@ def plot_tome_merges(model, split, schedule: str | None, path: Path, per_class: 
     fig.suptitle(f"ToMe merges of the chosen model ({schedule or 'no ToMe'}): patch groups after block "
                  f"{blocks} of {len(r)}", fontsize=9)
     return save_png(fig, path)
+
+
+def plot_tome_schedule(model, schedule: str | None, path: Path, compare: str | None = None) -> Path:
+    """The chosen schedule per block: r merged (bars) and tokens leaving the block (line), beside
+    ``compare`` (the fixed target a searched schedule stands against) where given."""
+    plt = pyplot()
+    n, prot = num_input_tokens(model), model.num_prefix_tokens
+    shown = [(schedule or "no ToMe", schedule)] + ([(compare, compare)] if compare and compare != schedule else [])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
+    width = 0.8 / len(shown)
+    for k, (label, spec) in enumerate(shown):
+        r = resolve_schedule(model, spec or 0)[1]
+        counts = token_counts(r, n, prot)
+        real = [before - after for before, after in zip([n] + counts[:-1], counts)]  # r after the clip
+        x = np.arange(1, len(r) + 1)
+        a.bar(x + (k - (len(shown) - 1) / 2) * width, real, width, label=label)
+        b.plot(np.arange(0, len(r) + 1), [n] + counts, marker="o", ms=3, label=label)
+    a.set_xlabel("block")
+    a.set_ylabel("tokens merged (r)")
+    a.set_title("where tokens merge")
+    b.set_xlabel("after block")
+    b.set_ylabel("tokens")
+    b.set_title(f"token count ({n} in)")
+    for ax in (a, b):
+        ax.legend(fontsize=7)
+    return save_png(fig, path)

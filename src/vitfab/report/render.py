@@ -17,7 +17,7 @@ from ..evaluate.accuracy import METRIC_NAMES
 from ..files import write_text_atomic
 from ..rundir import RunDir
 from ..runtimes import load_model
-from .plots import plot_pareto, plot_speedup, plot_tome_merges
+from .plots import plot_pareto, plot_speedup, plot_tome_merges, plot_tome_schedule
 from .quality import quality_plots
 from .quality import operating_line as _operating_line
 from .quality import quality_lines, quality_section
@@ -76,7 +76,8 @@ def _chosen(s: Summary) -> list[str]:
                                               f"{_pct(t.overkill_rate)} %")
     L = ["## Chosen configuration", "",
          f"- architecture: `{ch.arch}` ({ch.model}), {_m(ch.params)} params, {ch.gmacs:.3f} GMACs with merging",
-         f"- ToMe: `{ch.tome or 'none'}` (r per layer {ch.r_per_layer})",
+         f"- ToMe: `{ch.tome_name or ch.tome or 'none'}` (r per layer {ch.r_per_layer}"
+         + (", searched per block: see the schedules below)" if ch.tome_name else ")"),
          f"- precision: {ch.precision}",
          f"- validation {METRIC_NAMES.get(s.joint.metric, s.joint.metric)} {_pct(ch.val)} %; test top-1 "
          f"{_pct(t.top1)} %, macro-F1 {t.macro_f1:.3f}, balanced accuracy {_pct(t.balanced_accuracy)} %{rates}"]
@@ -94,8 +95,8 @@ def _chosen(s: Summary) -> list[str]:
                      f"PyTorch is the ablation's row without '+ {row.runtime}')")
         dep = s.baseline_deployed
         if dep is not None and s.deployed_speedup:
-            L.append(f"- against DeiT-B/16 deployed well, in its own best runtime ({dep.name}, test top-1 "
-                     f"{_pct(dep.accuracy)} %): **{s.deployed_speedup:.2f}x throughput**")
+            L.append(f"- against DeiT-B/16 deployed well, in its fastest runtime and precision without ToMe "
+                     f"({dep.name}, test top-1 {_pct(dep.accuracy)} %): **{s.deployed_speedup:.2f}x throughput**")
     L += [f"- checkpoint: `{ch.checkpoint}` (ToMe schedule and precision recorded); run it with "
           f"`vitfab predict --checkpoint {ch.checkpoint} --input DIR --out preds.csv`", ""]
     return L
@@ -247,7 +248,7 @@ def terminal_lines(s: Summary) -> list[str]:
              + (f", {speedup:.1f}x DeiT-B/16 fp32 at {s.data.img_size} px" if speedup else ""))
     dep = s.baseline_deployed
     if dep is not None and s.deployed_speedup:
-        L.append(f"against DeiT-B/16 in its own best runtime ({dep.name}): {s.deployed_speedup:.1f}x")
+        L.append(f"against DeiT-B/16 in its fastest runtime and precision ({dep.name}): {s.deployed_speedup:.1f}x")
     return L + quality_lines(s) + [f"NOTE: {v}" for v in s.verdicts]
 
 
@@ -257,7 +258,28 @@ def _op_cell(op) -> str:
     return f"{_pct(op['escape_rate'])} / {_pct(op['overkill_rate'])}" + ("" if op["met"] else " (missed)")
 
 
-SECTIONS = (_header, _chosen, quality_section, _references, _ablation, _at_224, _deploy, _joint, _budget)
+def _schedules(s: Summary) -> list[str]:
+    """The searched ToMe schedules (joint stage): per model and target, the r per block and the
+    probe's loss against the constant r of the same target."""
+    probes = (s.stage_results.get("joint") or {}).get("schedule_search") or []
+    if not probes:
+        return []
+    L = ["## ToMe schedules searched per block", "",
+         "Probe on training images: the loss added when one block alone merges r tokens; greedy allocation of "
+         "each MACs target to the blocks where merging costs least per MAC saved; then mutation and crossover of "
+         "the r vector (within the clip and the target), scored by the whole schedule's loss. The joint search "
+         "measured each beside the constant r of its target.", "",
+         "| model | target | r per block | probe loss | constant r's loss | schedules scored |",
+         "|---|---|---|---|---|---|"]
+    for p in probes:
+        for x in p["schedules"]:
+            r = "/".join(map(str, x["r_per_layer"])) + (" (= the constant r)" if x["is_fixed"] else "")
+            L.append(f"| {p['model']} | {x['target']} | `{r}` | {x['loss']:.4f} | {x['fixed_loss']:.4f} | "
+                     f"{x['evaluated'] + 1} |")
+    return L + [""]
+
+
+SECTIONS = (_header, _chosen, quality_section, _references, _ablation, _at_224, _deploy, _joint, _schedules, _budget)
 
 
 def render_markdown(s: Summary, images: dict[str, str]) -> str:
@@ -292,6 +314,9 @@ def write_report(run_root: str | Path, summary: Summary) -> list[Path]:
         files += quality_plots(summary.quality, out)
     model = load_model(summary.chosen.checkpoint)
     files.append(plot_tome_merges(model, Split.load(run.split_path), summary.chosen.tome, out / "tome_merges.png"))
+    if summary.chosen.tome:
+        files.append(plot_tome_schedule(model, summary.chosen.tome, out / "tome_schedule.png",
+                                        summary.chosen.tome_target))
     confusion = out / "confusion_chosen.png"
     if confusion.is_file():
         files.append(confusion)

@@ -192,6 +192,12 @@ class ChosenInfo:
     checkpoint: str
     val: float  # validation value of the run's selection metric (JointInfo.metric)
     test: TestMetrics
+    tome_name: str | None = None  # a searched schedule's name ("searched macs=0.35"; ``tome`` is its r list)
+
+    @property
+    def tome_target(self) -> str | None:
+        """The fixed target a searched schedule was searched for (``tome`` otherwise)."""
+        return self.tome_name.split(" ", 1)[1] if self.tome_name else self.tome
 
 
 @dataclass(frozen=True)
@@ -284,16 +290,17 @@ class Summary:
 
     @property
     def baseline_deployed(self) -> AblationRecord | None:
-        """The baseline in its own best runtime: its fastest "+ runtime" row whose test top-1 is
-        within a point of its PyTorch fp32 row."""
+        """The baseline deployed at its best: the fastest of its rows without token merging (any
+        runtime, any precision: PyTorch bf16/int8 included) whose test top-1 is within a point of
+        its PyTorch fp32 row."""
         base = self.baseline
-        rows = [r for r in self.ablation if base is not None and r.kind == "runtime" and r.checkpoint == base.checkpoint
+        rows = [r for r in self.ablation if base is not None and r.checkpoint == base.checkpoint and r.tome is None
                 and r.accuracy >= base.accuracy - 0.01]
         return max(rows, key=lambda r: r.img_per_s, default=None)
 
     @property
     def deployed_speedup(self) -> float | None:
-        """The chosen model against the baseline in its own best runtime (both deployed well)."""
+        """The chosen model against the baseline deployed at its best (both deployed well)."""
         row, base = self.chosen_row, self.baseline_deployed
         return None if row is None or base is None or not base.img_per_s else round(row.img_per_s / base.img_per_s, 3)
 
