@@ -107,3 +107,4 @@ def test_search_finds_schedules_within_each_target_and_scores_them():
         assert tome.Schedule.parse(s.spec).per_layer(depth) == s.r_per_layer  # travels as a plain list schedule
         assert s.name == f"searched macs={goal:g}"
     assert not tome.is_patched(deit)  # the caller's model is left as it was
+    assert search_schedules("m", deit, ["macs=0.5"], batches, torch.device("cpu"), seconds=0.0) is None  # no time

@@ -94,17 +94,25 @@ def repeat_seconds(given: float | None, share: float | None, repeats: int, cap: 
 
 def _searched_schedules(ctx: JobContext, split, models, out) -> tuple[dict[str, list[tuple[str, str]]], list]:
     """Each trained model's searched schedule for each macs= target of the grid (``schedule_search``),
-    within about a third of the joint stage's share; written to joint/schedules.json."""
+    best-ranked first, within about a third of the joint stage's share (a model it cannot fit is
+    left out, and the cut recorded); written to joint/schedules.json."""
     targets = [s for s in ctx.config.tome_schedules() if s and Schedule.parse(s).kind == "macs"]
     if not ctx.config.tome_search or not targets:
         return {}, []
     share = ctx.budget.share("joint")
-    searched, records = {}, []
+    allowed = None if share is None else share / 3
+    searched, records, t0 = {}, [], time.perf_counter()
     for label, ckpt, _ in models:
         model = load_model(ckpt)
         batches = probe_batches(split.root, split.train, model.vitfab_meta.preprocess)
-        probe = search_schedules(label, model, targets, batches, ctx.device,
-                                 None if share is None else share / 3 / len(models), ctx.config.seed)
+        left = None if allowed is None else allowed - (time.perf_counter() - t0)
+        probe = search_schedules(label, model, targets, batches, ctx.device, left, ctx.config.seed)
+        if probe is None:
+            cut = (f"ToMe schedule search: {label} left out (its probe does not fit the {max(left, 0):.0f} s left of "
+                   f"a third of the joint share)")
+            ctx.budget.cut(cut)
+            console.print(cut)
+            continue
         records.append(probe_record(probe))
         searched[label] = [(s.name, s.spec) for s in probe.schedules if not s.is_fixed]
         console.print(f"ToMe schedules searched for {label} in {probe.seconds:.0f} s: " + "; ".join(

@@ -95,9 +95,10 @@ def probe_levels(model: torch.nn.Module, targets: Sequence[str]) -> list[int]:
 
 
 def search_schedules(label: str, model: torch.nn.Module, targets: Sequence[str], batches: CachedBatches,
-                     device: torch.device, seconds: float | None = None, seed: int = 0) -> ScheduleProbe:
+                     device: torch.device, seconds: float | None = None, seed: int = 0) -> ScheduleProbe | None:
     """The probe, the greedy allocation to each ``macs=F`` target and the refinement within about
-    ``seconds`` (None: two generations per target), for one fp32 model."""
+    ``seconds`` (None: two generations per target), for one fp32 model. Where the probe does not fit
+    ``seconds`` at two levels it probes the strongest target's r alone; where not even that fits, None."""
     t0 = time.perf_counter()
     net = apply(copy.deepcopy(model).to(device).eval(), 0)
     depth, n_tok, prot = len(net.blocks), num_input_tokens(net), net.num_prefix_tokens
@@ -108,6 +109,14 @@ def search_schedules(label: str, model: torch.nn.Module, targets: Sequence[str],
     levels = probe_levels(model, targets)
     base = schedule_loss(net, None, batches, device)
     one_eval = time.perf_counter() - t0
+
+    def needs(n_levels: int) -> float:  # the probe and each target's greedy and constant-r scores
+        return one_eval * (1 + depth * n_levels + 2 * len(targets))
+
+    if seconds is not None and needs(len(levels)) > seconds:
+        if needs(1) > seconds:
+            return None
+        levels = levels[:1]
     added = [[schedule_loss(net, [0] * i + [v] + [0] * (depth - i - 1), batches, device) - base for v in levels]
              for i in range(depth)]
     probe = ScheduleProbe(label, levels, base, added)
