@@ -26,3 +26,36 @@ while read -r label specs; do
         --repeats 5 --device cpu --no-energy --no-progress --out "$RUN/report/tome-schedules-$label-$split.json"
   done
 done < "$RUN/report/tome-schedules.args"
+# the Done-when pairs: every fixed target beside every searched schedule within 5 % of its img/s
+# (same model, same precision), and the fastest searched schedule at least as accurate on val
+"$PY" - "$RUN" <<'PYEOF' | tee "$RUN/report/tome-schedules.md"
+import glob, json, sys
+run = sys.argv[1]
+rows = {}
+for path in sorted(glob.glob(f"{run}/report/tome-schedules-*-val.json")):
+    label = path.rsplit("/", 1)[1][len("tome-schedules-"):-len("-val.json")]
+    val, test = (json.load(open(path.replace("-val.json", f"-{s}.json")))["measurements"] for s in ("val", "test"))
+    for v, t in zip(val, test):
+        spec = v["tome"]["spec"] if v["tome"] else "none"
+        rows.setdefault((label, v["precision"]), []).append(
+            {"spec": spec, "fixed": spec.startswith("macs="), "ips": v["img_per_s"], "ips_test": t["img_per_s"],
+             "val": 100 * v["accuracy"], "test": 100 * t["accuracy"]})
+print("| model | precision | fixed target | img/s | val / test top-1 | searched schedule | img/s | val / test top-1 |")
+print("|---|---|---|---|---|---|---|---|")
+for (label, prec), rs in rows.items():
+    for f in (r for r in rs if r["fixed"]):
+        for s in (r for r in rs if not r["fixed"]):
+            if abs(s["ips"] / f["ips"] - 1) <= 0.05:
+                print(f"| {label} | {prec} | {f['spec']} | {f['ips']:.0f} | {f['val']:.2f} / {f['test']:.2f} | "
+                      f"{s['spec']} | {s['ips']:.0f} | {s['val']:.2f} / {s['test']:.2f} |")
+print("\nAt equal accuracy: the fastest searched schedule with validation top-1 >= the fixed target's")
+for (label, prec), rs in rows.items():
+    for f in (r for r in rs if r["fixed"]):
+        ok = [s for s in rs if not s["fixed"] and s["val"] >= f["val"]]
+        if ok:
+            s = max(ok, key=lambda r: r["ips"])
+            print(f"- {label} {prec} {f['spec']}: {f['ips']:.0f} img/s (val {f['val']:.2f}); {s['spec']}: "
+                  f"{s['ips']:.0f} img/s (val {s['val']:.2f}), {s['ips'] / f['ips']:.2f}x")
+        else:
+            print(f"- {label} {prec} {f['spec']}: no searched schedule is as accurate on val")
+PYEOF

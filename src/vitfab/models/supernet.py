@@ -63,17 +63,25 @@ class SuperAttention(nn.Module):
     def rel_tables(self):
         return ((self.rel_k_v, self.rel_k_h), (self.rel_v_v, self.rel_v_h))
 
-    def forward(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, heads: int, size: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, metric: bool = False):
+        """The sampled attention. ``size`` (B, N, 1) adds log(size) of each key to the logits (ToMe's
+        proportional attention), ``positions`` (B, N, 2) replace the patch grid of relative position
+        after merges; with ``metric=True`` returns (output, keys averaged over heads)."""
         B, N, e = x.shape
         w, b = self.qkv_slice(e, heads)
         q, k, v = F.linear(x, w, b).reshape(B, N, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = None if size is None else size.log().to(q.dtype)[:, None, None, :, 0]
         if self.rel_pos:
-            x = relative_attention(q, k, v, self.rel_tables(), grid_positions(N, 1, x.device), 1, self.rel_pos,
-                                   self.head_dim ** -0.5)
+            if positions is None:
+                positions = grid_positions(N, 1, x.device)
+            out = relative_attention(q, k, v, self.rel_tables(), positions, 1, self.rel_pos, self.head_dim ** -0.5,
+                                     bias)
         else:
-            x = F.scaled_dot_product_attention(q, k, v)
-        x = x.transpose(1, 2).reshape(B, N, heads * self.head_dim)
-        return F.linear(x, self.proj.weight[:e, : heads * self.head_dim], self.proj.bias[:e])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(B, N, heads * self.head_dim)
+        out = F.linear(out, self.proj.weight[:e, : heads * self.head_dim], self.proj.bias[:e])
+        return (out, k.mean(dim=1)) if metric else out
 
 
 class SuperBlock(nn.Module):
@@ -88,14 +96,19 @@ class SuperBlock(nn.Module):
         self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, heads: int, hidden: int) -> torch.Tensor:
+    def norm(self, ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         e = x.shape[-1]
-        y = F.layer_norm(x, (e,), self.norm1.weight[:e], self.norm1.bias[:e], self.ln_eps)
-        x = x + self.drop_path(self.attn(y, heads))
-        y = F.layer_norm(x, (e,), self.norm2.weight[:e], self.norm2.bias[:e], self.ln_eps)
-        y = F.gelu(F.linear(y, self.fc1.weight[:hidden, :e], self.fc1.bias[:hidden]))
-        y = F.linear(y, self.fc2.weight[:e, :hidden], self.fc2.bias[:e])
-        return x + self.drop_path(y)
+        return F.layer_norm(x, (e,), ln.weight[:e], ln.bias[:e], self.ln_eps)
+
+    def mlp(self, x: torch.Tensor, hidden: int) -> torch.Tensor:
+        """The second half of the block without its residual: norm2, fc1, GELU, fc2."""
+        e = x.shape[-1]
+        y = F.gelu(F.linear(self.norm(self.norm2, x), self.fc1.weight[:hidden, :e], self.fc1.bias[:hidden]))
+        return F.linear(y, self.fc2.weight[:e, :hidden], self.fc2.bias[:e])
+
+    def forward(self, x: torch.Tensor, heads: int, hidden: int) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm(self.norm1, x), heads))
+        return x + self.drop_path(self.mlp(x, hidden))
 
 
 class Supernet(nn.Module):
@@ -165,8 +178,10 @@ class Supernet(nn.Module):
         for i in range(a.depth):
             x = self.blocks[i](x, a.num_heads[i], a.mlp_hidden(i))
         x = F.layer_norm(x, (e,), self.norm.weight[:e], self.norm.bias[:e], self.ln_eps)
-        x = x[:, 0] if self.global_pool == "token" else x[:, 1:].mean(dim=1)
-        return F.linear(x, self.head.weight[:, :e], self.head.bias)
+        return F.linear(self.pool(x), self.head.weight[:, :e], self.head.bias)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0] if self.global_pool == "token" else x[:, 1:].mean(dim=1)
 
     def subnet_kwargs(self, arch: ArchConfig) -> dict:
         """``create_model("vitfab_subnet", **...)`` arguments of ``arch`` cut from this supernet."""

@@ -94,21 +94,22 @@ def repeat_seconds(given: float | None, share: float | None, repeats: int, cap: 
 
 def _searched_schedules(ctx: JobContext, split, models, out) -> tuple[dict[str, list[tuple[str, str]]], list]:
     """Each trained model's searched schedule for each macs= target of the grid (``schedule_search``),
-    best-ranked first, within about a third of the joint stage's share (a model it cannot fit is
-    left out, and the cut recorded); written to joint/schedules.json."""
+    best-ranked first, within about a third of the joint stage's share, split evenly over the models
+    still to search (so the first one's refinement does not starve the rest; a model whose probe
+    does not fit its part is left out, and the cut recorded); written to joint/schedules.json."""
     targets = [s for s in ctx.config.tome_schedules() if s and Schedule.parse(s).kind == "macs"]
     if not ctx.config.tome_search or not targets:
         return {}, []
     share = ctx.budget.share("joint")
     allowed = None if share is None else share / 3
     searched, records, t0 = {}, [], time.perf_counter()
-    for label, ckpt, _ in models:
+    for k, (label, ckpt, _) in enumerate(models):
         model = load_model(ckpt)
         batches = probe_batches(split.root, split.train, model.vitfab_meta.preprocess)
-        left = None if allowed is None else allowed - (time.perf_counter() - t0)
+        left = None if allowed is None else (allowed - (time.perf_counter() - t0)) / (len(models) - k)
         probe = search_schedules(label, model, targets, batches, ctx.device, left, ctx.config.seed)
         if probe is None:
-            cut = (f"ToMe schedule search: {label} left out (its probe does not fit the {max(left, 0):.0f} s left of "
+            cut = (f"ToMe schedule search: {label} left out (its probe does not fit its {max(left, 0):.0f} s of "
                    f"a third of the joint share)")
             ctx.budget.cut(cut)
             console.print(cut)

@@ -23,7 +23,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from ..errors import VitfabError
 from ..models.relpos import RelPosAttention, grid_positions
 from .merge import DEFAULT_PARTITION, PARTITIONS, bipartite_soft_matching, clip_r, merge_source, merge_wavg
-from .schedule import RECORDED, Schedule, ScheduleSpec, resolve_target
+from .schedule import RECORDED, BlockShape, Schedule, ScheduleSpec, flow_macs, resolve_target
 
 
 LEGACY_PARTITION = "patches"  # what a checkpoint without tome.partition was made with
@@ -50,6 +50,26 @@ class ToMeState:
 
     def reset(self) -> None:
         self.size, self.source, self.positions, self.tokens = None, None, None, []
+
+
+# --------------------------------------------------------------------------- the merge step
+def merge_step(state: ToMeState, x: torch.Tensor, metric: torch.Tensor | None, r: int,
+               relative: bool) -> torch.Tensor:
+    """A block's merge between attention and MLP: ``r`` (already clipped) tokens of ``x`` merged by
+    bipartite soft matching on ``metric``; sizes, sources and (``relative``) mean patch coordinates
+    in ``state`` follow. Returns the merged tokens; records the count leaving the block."""
+    if r > 0:
+        matching = bipartite_soft_matching(metric, r, state.protected, state.partition)
+        if state.trace_source:
+            state.source = merge_source(matching, state.source, x)
+        if relative:  # a merged token sits at the size-weighted mean of its patches' coordinates
+            pos = state.positions
+            if pos is None:
+                pos = grid_positions(x.shape[1], state.protected, x.device).expand(x.shape[0], -1, -1)
+            state.positions, _ = merge_wavg(matching, pos, state.size)
+        x, state.size = merge_wavg(matching, x, state.size)
+    state.tokens.append(x.shape[1])
+    return x
 
 
 # --------------------------------------------------------------------------- patched modules
@@ -101,19 +121,9 @@ class ToMeBlock(Block):
         y, metric = res if (r > 0 or not relative) else (res, None)
         x = x + self.drop_path1(self.ls1(y))
         del y  # free before the MLP, as timm's one-expression forward does
-        if r > 0:
-            if attn_mask is not None or is_causal:
-                raise ToMeError("an attention mask cannot follow the tokens that ToMe merges; use r=0")
-            matching = bipartite_soft_matching(metric, r, state.protected, state.partition)
-            if state.trace_source:
-                state.source = merge_source(matching, state.source, x)
-            if relative:  # a merged token sits at the size-weighted mean of its patches' coordinates
-                pos = state.positions
-                if pos is None:
-                    pos = grid_positions(x.shape[1], state.protected, x.device).expand(x.shape[0], -1, -1)
-                state.positions, _ = merge_wavg(matching, pos, state.size)
-            x, state.size = merge_wavg(matching, x, state.size)
-        state.tokens.append(x.shape[1])
+        if r > 0 and (attn_mask is not None or is_causal):
+            raise ToMeError("an attention mask cannot follow the tokens that ToMe merges; use r=0")
+        x = merge_step(state, x, metric, r, relative)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
@@ -183,15 +193,11 @@ def block_macs(model: VisionTransformer, flow: list[tuple[int, int]]) -> float:
     head and the merges themselves are left out: ``macs=F`` is a fraction of this total, which
     is within a fraction of a percent of what ``measure.count_macs`` counts for a ViT."""
     proj = model.patch_embed.proj
-    total = float(model.patch_embed.num_patches * proj.weight.numel())
-    for blk, (n_attn, n_mlp) in zip(model.blocks, flow):
-        d, a = blk.attn.qkv.in_features, blk.attn.attn_dim
-        total += n_attn * d * 3 * a + 2 * n_attn * n_attn * a + n_attn * a * blk.attn.proj.out_features
-        if blk.attn.gate is not None:
-            total += n_attn * d * a
-        total += n_mlp * (blk.mlp.fc1.in_features * blk.mlp.fc1.out_features
-                          + blk.mlp.fc2.in_features * blk.mlp.fc2.out_features)
-    return total
+    shapes = [BlockShape(blk.attn.qkv.in_features, blk.attn.attn_dim, blk.attn.proj.out_features,
+                         blk.mlp.fc1.in_features * blk.mlp.fc1.out_features
+                         + blk.mlp.fc2.in_features * blk.mlp.fc2.out_features, blk.attn.gate is not None)
+              for blk in model.blocks]
+    return flow_macs(float(model.patch_embed.num_patches * proj.weight.numel()), shapes, flow)
 
 
 def num_input_tokens(model: VisionTransformer) -> int:

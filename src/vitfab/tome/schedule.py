@@ -19,7 +19,7 @@ mergeable tokens merge in one layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, NamedTuple, Sequence, Union
 
 from ..errors import VitfabError
 from ..options import RECORDED
@@ -158,6 +158,29 @@ def token_flow(r_per_layer: Sequence[int], num_tokens: int, protected: int) -> l
     """(tokens into attention, tokens into the MLP) of each block."""
     counts = token_counts(r_per_layer, num_tokens, protected)
     return list(zip([num_tokens] + counts[:-1], counts))
+
+
+class BlockShape(NamedTuple):
+    """What a block's MACs per token depend on: width in, attention width (heads x head dim), width
+    out of the projection, MLP MACs per token, and whether the attention has a gate."""
+
+    dim: int
+    attn_dim: int
+    proj_out: int
+    mlp_per_token: int
+    gated: bool = False
+
+
+def flow_macs(embed_macs: float, shapes: Sequence[BlockShape], flow: Sequence[tuple[int, int]]) -> float:
+    """MACs of the embedding (given) and the blocks when block i attends over ``flow[i][0]`` tokens
+    and runs its MLP on ``flow[i][1]`` (merges and head left out)."""
+    total = float(embed_macs)
+    for s, (n_attn, n_mlp) in zip(shapes, flow):
+        total += n_attn * s.dim * 3 * s.attn_dim + 2 * n_attn * n_attn * s.attn_dim + n_attn * s.attn_dim * s.proj_out
+        if s.gated:
+            total += n_attn * s.dim * s.attn_dim
+        total += n_mlp * s.mlp_per_token
+    return total
 
 
 def resolve_target(
