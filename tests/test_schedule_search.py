@@ -102,6 +102,8 @@ def test_search_finds_schedules_within_each_target_and_scores_them():
     net = tome.apply(copy.deepcopy(deit), 0)
     for s, goal in zip(probe.schedules, (0.75, 0.5)):
         assert within(s.r_per_layer, n, prot, macs_of, budget_macs(depth, n, prot, macs_of, goal))
+        constant = clipped(tome.apply(copy.deepcopy(deit), f"macs={goal}")._tome.r, n, prot)
+        assert schedule_macs(s.r_per_layer, n, prot, macs_of) <= schedule_macs(constant, n, prot, macs_of) + 1e-6
         assert s.loss <= s.greedy_loss + 1e-9  # the refinement keeps the best it scored, the greedy one included
         assert s.loss == pytest.approx(schedule_loss(net, s.r_per_layer, batches, torch.device("cpu")), abs=1e-5)
         assert tome.Schedule.parse(s.spec).per_layer(depth) == s.r_per_layer  # travels as a plain list schedule

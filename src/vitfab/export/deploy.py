@@ -55,6 +55,7 @@ FILES = {"safetensors": WEIGHTS_FILE, "torchscript": TORCHSCRIPT_FILE, "onnx": O
 DEPLOY_FORMAT = "vitfab-deploy/2"
 PARITY_TOLERANCE = 1e-4  # max |logit difference| against PyTorch fp32 that every fp32 artifact must meet
 MIN_AGREEMENT = 0.99  # argmax agreement with PyTorch fp32 that every low-precision artifact must reach
+TIE_SHARE, TIE_LIMIT = 0.02, 100  # a ToMe model's images allowed over the tolerance (near-ties in the matching)
 
 
 @dataclass
@@ -138,12 +139,35 @@ def _artifact_logits(folder: Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def parity(model, folder: Path, formats: Sequence[str], x: torch.Tensor | None = None) -> dict[str, float]:
-    """Max |logit difference| of each exported fp32 format against PyTorch fp32, on ``x`` (default:
-    a random batch of a size the export did not trace with, so the dynamic batch axis is exercised)."""
+def parity(model, folder: Path, formats: Sequence[str], x: torch.Tensor | None = None
+           ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each exported fp32 format against PyTorch fp32 on ``x`` (default: a random batch of a size the
+    export did not trace with, so the dynamic batch axis is exercised): per image, the max |logit
+    difference| and whether the class is the same."""
     x = example_input(model, 3, seed=1) if x is None else x
     ref = model(x).float()
-    return {f: float((_artifact_logits(folder, f, x) - ref).abs().max()) for f in formats if f != "safetensors"}
+    out = {}
+    for f in formats:
+        if f != "safetensors":
+            got = _artifact_logits(folder, f, x)
+            out[f] = ((got - ref).abs().amax(dim=1), got.argmax(1) == ref.argmax(1))
+    return out
+
+
+def parity_outliers(per_image: torch.Tensor, same_class: torch.Tensor, tolerance: float, merging: bool) -> int | None:
+    """How many images exceed ``tolerance``, where that passes; None where it fails. No image may,
+    except in a ToMe model: where two candidate pairs are nearly equally similar, the matching of
+    another runtime's kernels may merge the other pair, which moves the logits of that image by
+    more than rounding. At most ``TIE_SHARE`` of the images (at least one) may then differ, each
+    within ``TIE_LIMIT`` x ``tolerance`` and with the same class."""
+    over = per_image > tolerance
+    n = int(over.sum())
+    if n == 0:
+        return 0
+    allowed = max(1, int(TIE_SHARE * len(per_image)))
+    ok = (merging and n <= allowed and bool((per_image[over] <= TIE_LIMIT * tolerance).all())
+          and bool(same_class[over].all()))
+    return n if ok else None
 
 
 @torch.inference_mode()
@@ -214,8 +238,11 @@ def export_deploy(source: str | Path, out: str | Path, formats: Sequence[str] = 
         for fmt in ("openvino", "tensorrt"):
             if fmt in formats:
                 convert(model, fmt, "fp32", tmp)
-        diffs = parity(model, tmp, formats, x)
-        bad = {k: v for k, v in diffs.items() if not v <= tolerance}
+        checked = parity(model, tmp, formats, x)
+        diffs = {f: float(d.max()) for f, (d, _) in checked.items()}
+        merging = tome_info(model) is not None
+        outliers = {f: parity_outliers(d, same, tolerance, merging) for f, (d, same) in checked.items()}
+        bad = {f: diffs[f] for f, n in outliers.items() if n is None}
         if bad:
             raise VitfabError(f"export parity failed: max |logit difference| {bad} > {tolerance} against PyTorch fp32")
         chosen, int8 = _chosen_artifact(model, tmp, formats, calibration)
@@ -235,7 +262,7 @@ def export_deploy(source: str | Path, out: str | Path, formats: Sequence[str] = 
             "tome": tome_info(model), "runtime": runtime, "precision": precision, "int8": int8,
             "operating_point": meta.extra.get("operating_point"),
             "opset": opset if "onnx" in formats else None, "files": files,
-            "parity_max_abs_diff": diffs, "parity_tolerance": tolerance,
+            "parity_max_abs_diff": diffs, "parity_tolerance": tolerance, "parity_outliers": outliers,
             "parity_images": "held-back images" if x is not None else "random inputs",
             "low_precision_check": low, "min_agreement": MIN_AGREEMENT if low else None, "torch": torch.__version__,
             "seconds": round(time.perf_counter() - t0, 1),

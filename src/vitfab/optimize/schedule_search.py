@@ -3,7 +3,8 @@
 
 1. Probe: on ``PROBE_IMAGES`` training images (the validation split stays the judge of the joint
    search), the cross-entropy added when block i alone merges r tokens, for two levels of r.
-2. Allocate: ``tome.allocate.greedy_allocation`` spends each target's MACs on the blocks whose
+2. Allocate: ``tome.allocate.greedy_allocation`` spends each target's MACs (or the constant r's,
+   where that r undershoots the target: the two then compete at equal MACs) on the blocks whose
    merges cost the least per MAC saved.
 3. Refine: generations of the per-block r vector as a gene (mutation moves merged tokens between
    blocks, crossover mixes two schedules; every child within the clip and the target's MACs),
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from ..evaluate.runner import CachedBatches, evenly_spaced, make_eval_loader
 from ..tome import Schedule, apply, block_macs, set_schedule
 from ..tome.allocate import (budget_macs, clipped, crossover_schedule, greedy_allocation, mutate_schedule, probed_cost,
-                             within)
+                             schedule_macs, within)
 from ..tome.patch import num_input_tokens
 
 PROBE_IMAGES = 128  # training images the probe and the refinement score schedules on
@@ -123,10 +124,12 @@ def search_schedules(label: str, model: torch.nn.Module, targets: Sequence[str],
     cost = probed_cost(levels, added)
     left = None if seconds is None else seconds - (time.perf_counter() - t0)
     per_target = None if left is None else max(0, int(left / max(one_eval, 1e-3) / max(len(targets), 1)))
+    full = schedule_macs([0] * depth, n_tok, prot, macs_of)
     for target in targets:
-        goal = Schedule.parse(target).target
-        greedy = greedy_allocation(depth, n_tok, prot, macs_of, goal, cost)
         fixed = clipped(apply(copy.deepcopy(model), target)._tome.r, n_tok, prot)
+        # the constant r's own MACs where it undershoots the target: a searched schedule competes at equal MACs
+        goal = min(Schedule.parse(target).target, schedule_macs(fixed, n_tok, prot, macs_of) / full)
+        greedy = greedy_allocation(depth, n_tok, prot, macs_of, goal, cost)
         probe.schedules.append(_refine(net, target, greedy, fixed, batches, device, macs_of,
                                        budget_macs(depth, n_tok, prot, macs_of, goal),
                                        2 * CHILDREN if per_target is None else per_target, random.Random(seed)))
