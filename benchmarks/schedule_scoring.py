@@ -8,7 +8,7 @@ joint/schedules.json, and random walks of mutations from the constant r), each s
   (b) by the probe's loss on the fine-tuned subnet (PROBE_IMAGES training images: the joint
       search's way);
 against what decides in the end: the fine-tuned subnet's validation top-1 and cross-entropy with
-that schedule. Printed and written to RUN/report/schedule-scoring.json: Spearman correlation of
+that schedule (macro-F1 on validation and test beside them). Printed and written to RUN/report/schedule-scoring.json: Spearman correlation of
 each score with the truth, the true top-1 of the schedule each way picks, seconds per score.
 
     .venv/bin/python benchmarks/schedule_scoring.py RUN_DIR [WALKS]
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from vitfab import tome
 from vitfab.data.split import Split
+from vitfab.evaluate.metrics import metric_value
 from vitfab.evaluate.runner import CachedBatches, make_eval_loader
 from vitfab.models.arch import ArchConfig
 from vitfab.nas.train import load_supernet
@@ -36,14 +37,16 @@ from vitfab.tome.patch import num_input_tokens
 
 
 @torch.inference_mode()
-def top1_and_loss(model, batches) -> tuple[float, float]:
-    hits = loss = n = 0
+def scores(model, batches, num_classes: int) -> tuple[float, float, float]:
+    """(top-1 %, mean cross-entropy, macro-F1 %) over ``batches``."""
+    preds, targets, loss = [], [], 0.0
     for x, y in batches:
         logits, y = model(x).float(), torch.as_tensor(y)
-        hits += (logits.argmax(1) == y).sum().item()
         loss += F.cross_entropy(logits, y, reduction="sum").item()
-        n += len(y)
-    return 100.0 * hits / n, loss / n
+        preds.append(logits.argmax(1))
+        targets.append(y)
+    p, t = torch.cat(preds).numpy(), torch.cat(targets).numpy()
+    return 100.0 * float((p == t).mean()), loss / len(t), 100.0 * metric_value("macro_f1", t, p, num_classes)
 
 
 def pool_of(record: dict, fixed: list[int], model, walks: int, seed: int) -> dict[str, list[int]]:
@@ -72,7 +75,9 @@ def pool_of(record: dict, fixed: list[int], model, walks: int, seed: int) -> dic
 def score_model(label, ckpt, arch, supernet, records, split, walks) -> list[dict]:
     model = tome.apply(load_model(ckpt).eval(), 0)
     pre = model.vitfab_meta.preprocess
-    val = CachedBatches(make_eval_loader(split.root, split.val, pre, batch_size=64, workers=0))
+    val, test = (CachedBatches(make_eval_loader(split.root, part, pre, batch_size=64, workers=0))
+                 for part in (split.val, split.test))
+    k = len(split.classes)
     probe = probe_batches(split.root, split.train, pre)
     supernet.set_arch(arch)
     rows = []
@@ -82,17 +87,20 @@ def score_model(label, ckpt, arch, supernet, records, split, walks) -> list[dict
         for name, r in pool_of(rec, fixed, model, walks, seed=len(rows)).items():
             t0 = time.perf_counter()
             tome.apply_supernet(supernet, r)
-            a_top1, a_loss = top1_and_loss(supernet, val)
+            a_top1, a_loss, _ = scores(supernet, val, k)
             t1 = time.perf_counter()
             b_loss = schedule_loss(model, r, probe, torch.device("cpu"))
             t2 = time.perf_counter()
             tome.set_schedule(model, r)
-            top1, loss = top1_and_loss(model, val)
+            top1, loss, f1 = scores(model, val, k)
+            test_top1, _, test_f1 = scores(model, test, k)
             rows.append({"model": label, "target": rec["target"], "name": name, "r": r, "supernet_top1": a_top1,
                          "supernet_loss": a_loss, "probe_loss": b_loss, "val_top1": top1, "val_loss": loss,
+                         "val_macro_f1": f1, "test_top1": test_top1, "test_macro_f1": test_f1,
                          "seconds_a": t1 - t0, "seconds_b": t2 - t1})
             print(f"{label} {rec['target']:9s} {name:9s} {'/'.join(map(str, r)):40s} supernet {a_top1:5.1f}% "
-                  f"{a_loss:.3f}  probe {b_loss:.3f}  fine-tuned {top1:5.1f}% {loss:.3f}", flush=True)
+                  f"{a_loss:.3f}  probe {b_loss:.3f}  fine-tuned {top1:5.1f}% {loss:.3f} (macro-F1 val {f1:.1f} / test "
+                  f"{test_f1:.1f} %)", flush=True)
     return rows
 
 
@@ -126,6 +134,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "picked_a": pick_a["name"], "picked_a_val_top1": pick_a["val_top1"],
                     "picked_b": pick_b["name"], "picked_b_val_top1": pick_b["val_top1"],
                     "constant_val_top1": next(r["val_top1"] for r in g if r["name"] == "constant"),
+                    **{f"{n}_{m}": next(r[m] for r in g if r["name"] == n) for n in ("constant", "searched")
+                       for m in ("val_macro_f1", "test_top1", "test_macro_f1")},
                     "best_val_top1": max(r["val_top1"] for r in g),
                     "seconds_a": float(np.median([r["seconds_a"] for r in g])),
                     "seconds_b": float(np.median([r["seconds_b"] for r in g]))})
@@ -153,7 +163,9 @@ def main(run: Path, walks: int = 8) -> None:
               f"(a) supernet {fmt(s['spearman_a_loss'])}, (b) probe {fmt(s['spearman_b_loss'])}; picked: (a) "
               f"{s['picked_a']} {s['picked_a_val_top1']:.2f}%, (b) {s['picked_b']} {s['picked_b_val_top1']:.2f}%, "
               f"constant {s['constant_val_top1']:.2f}%, best {s['best_val_top1']:.2f}%; s/score (a) "
-              f"{s['seconds_a']:.2f} (b) {s['seconds_b']:.2f}")
+              f"{s['seconds_a']:.2f} (b) {s['seconds_b']:.2f}; macro-F1 val / test: constant {s['constant_val_macro_f1']:.2f} / "
+              f"{s['constant_test_macro_f1']:.2f}, searched {s['searched_val_macro_f1']:.2f} / "
+              f"{s['searched_test_macro_f1']:.2f} %")
     (run / "report" / "schedule-scoring.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
 
 
