@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from vitfab import tome
 from vitfab.data.split import Split
-from vitfab.evaluate.metrics import metric_value
-from vitfab.evaluate.runner import CachedBatches, make_eval_loader
+from vitfab.evaluate.accuracy import scores_of
+from vitfab.evaluate.runner import CachedBatches, collect_logits, make_eval_loader
 from vitfab.models.arch import ArchConfig
 from vitfab.nas.train import load_supernet
 from vitfab.optimize.schedule_search import probe_batches, schedule_loss
@@ -37,16 +37,12 @@ from vitfab.tome.patch import num_input_tokens
 
 
 @torch.inference_mode()
-def scores(model, batches, num_classes: int) -> tuple[float, float, float]:
+def scores(model, batches) -> tuple[float, float, float]:
     """(top-1 %, mean cross-entropy, macro-F1 %) over ``batches``."""
-    preds, targets, loss = [], [], 0.0
-    for x, y in batches:
-        logits, y = model(x).float(), torch.as_tensor(y)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        preds.append(logits.argmax(1))
-        targets.append(y)
-    p, t = torch.cat(preds).numpy(), torch.cat(targets).numpy()
-    return 100.0 * float((p == t).mean()), loss / len(t), 100.0 * metric_value("macro_f1", t, p, num_classes)
+    logits, targets = collect_logits(model, batches, torch.device("cpu"), progress=False)
+    s = scores_of(logits, targets)
+    loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(targets)).item()
+    return 100.0 * s["top1"], loss, 100.0 * s["macro_f1"]
 
 
 def pool_of(record: dict, fixed: list[int], model, walks: int, seed: int) -> dict[str, list[int]]:
@@ -77,7 +73,6 @@ def score_model(label, ckpt, arch, supernet, records, split, walks) -> list[dict
     pre = model.vitfab_meta.preprocess
     val, test = (CachedBatches(make_eval_loader(split.root, part, pre, batch_size=64, workers=0))
                  for part in (split.val, split.test))
-    k = len(split.classes)
     probe = probe_batches(split.root, split.train, pre)
     supernet.set_arch(arch)
     rows = []
@@ -87,13 +82,13 @@ def score_model(label, ckpt, arch, supernet, records, split, walks) -> list[dict
         for name, r in pool_of(rec, fixed, model, walks, seed=len(rows)).items():
             t0 = time.perf_counter()
             tome.apply_supernet(supernet, r)
-            a_top1, a_loss, _ = scores(supernet, val, k)
+            a_top1, a_loss, _ = scores(supernet, val)
             t1 = time.perf_counter()
             b_loss = schedule_loss(model, r, probe, torch.device("cpu"))
             t2 = time.perf_counter()
             tome.set_schedule(model, r)
-            top1, loss, f1 = scores(model, val, k)
-            test_top1, _, test_f1 = scores(model, test, k)
+            top1, loss, f1 = scores(model, val)
+            test_top1, _, test_f1 = scores(model, test)
             rows.append({"model": label, "target": rec["target"], "name": name, "r": r, "supernet_top1": a_top1,
                          "supernet_loss": a_loss, "probe_loss": b_loss, "val_top1": top1, "val_loss": loss,
                          "val_macro_f1": f1, "test_top1": test_top1, "test_macro_f1": test_f1,

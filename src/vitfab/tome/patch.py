@@ -72,6 +72,17 @@ def merge_step(state: ToMeState, x: torch.Tensor, metric: torch.Tensor | None, r
     return x
 
 
+def size_weighted_mean(x: torch.Tensor, size: torch.Tensor, start: int) -> torch.Tensor:
+    """Average pooling of merged tokens from index ``start`` on: each weighted by the patches it holds."""
+    w = size[:, start:].to(x.dtype)
+    return (x[:, start:] * w).sum(dim=1) / w.sum(dim=1)
+
+
+def check_partition(partition: str) -> None:
+    if partition not in PARTITIONS:
+        raise ToMeError(f"unknown ToMe partition '{partition}' (choose {', '.join(PARTITIONS)})")
+
+
 # --------------------------------------------------------------------------- patched modules
 class ToMeAttention(Attention):
     """timm's ``Attention`` plus an additive log(size) bias; returns (output, matching metric:
@@ -151,9 +162,8 @@ class ToMeModelMixin:
         if size is None or pool_type not in ("avg", "avgmax"):
             return super().pool(x, pool_type)
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        xs, w = x[:, start:], size[:, start:].to(x.dtype)
-        avg = (xs * w).sum(dim=1) / w.sum(dim=1)
-        return avg if pool_type == "avg" else 0.5 * (avg + xs.amax(dim=1))
+        avg = size_weighted_mean(x, size, start)
+        return avg if pool_type == "avg" else 0.5 * (avg + x[:, start:].amax(dim=1))
 
 
 _PATCHED_CLASSES: dict[type, type] = {}
@@ -227,8 +237,7 @@ def apply(model: VisionTransformer, r: ScheduleSpec = 0, prop_attn: bool = True,
     _check(model)
     if partition is None:
         partition = model._tome.partition if is_patched(model) else DEFAULT_PARTITION
-    if partition not in PARTITIONS:
-        raise ToMeError(f"unknown ToMe partition '{partition}' (choose {', '.join(PARTITIONS)})")
+    check_partition(partition)
     schedule, per_layer = resolve_schedule(model, r)
     if is_patched(model):
         state = model._tome

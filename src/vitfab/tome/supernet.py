@@ -4,8 +4,8 @@ The sampled subnet merges tokens between the attention and the MLP of each block
 patched timm model of the extracted subnet does (``patch.py``: the same merge step, proportional
 attention, size-weighted pooling, merged patch coordinates for relative position), so an
 (architecture, schedule) pair can be scored on the supernet's shared weights before any subnet
-is extracted. The schedule is kept as a ``Schedule`` and turned into r per block for the
-architecture set at each forward pass (``macs=F`` from the sampled layer shapes), so
+is extracted. The schedule is kept as a ``Schedule`` and turned into r per block for whichever
+architecture is set (``macs=F`` from the sampled layer shapes; once per architecture), so
 ``set_arch`` may change between passes.
 
 As in ``patch.py`` the patch swaps classes in place (no copy) and never weights.
@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..models.supernet import SuperBlock, Supernet
-from .merge import DEFAULT_PARTITION, PARTITIONS, clip_r
-from .patch import ToMeError, ToMeState, merge_step
+from .merge import DEFAULT_PARTITION, clip_r
+from .patch import ToMeError, ToMeState, check_partition, merge_step, size_weighted_mean
 from .schedule import BlockShape, Schedule, ScheduleSpec, flow_macs, resolve_target
 
 
@@ -40,7 +40,9 @@ class ToMeSupernet(Supernet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state: ToMeState = self._tome
-        state.r = supernet_per_layer(self, state.schedule)
+        if self.arch not in self._tome_resolved:  # resolved once per subnet, not per batch
+            self._tome_resolved[self.arch] = supernet_per_layer(self, state.schedule)
+        state.r = self._tome_resolved[self.arch]
         state.reset()
         return super().forward(x)
 
@@ -48,8 +50,7 @@ class ToMeSupernet(Supernet):
         size = self._tome.size
         if size is None or self.global_pool == "token":
             return super().pool(x)
-        w = size[:, 1:].to(x.dtype)
-        return (x[:, 1:] * w).sum(dim=1) / w.sum(dim=1)
+        return size_weighted_mean(x, size, 1)
 
 
 def supernet_per_layer(net: Supernet, schedule: Schedule) -> list[int]:
@@ -74,15 +75,14 @@ def apply_supernet(net: Supernet, r: ScheduleSpec = 0, prop_attn: bool = True,
     returns it. Calling it again changes the schedule and options."""
     if not isinstance(net, Supernet):
         raise ToMeError(f"apply_supernet patches a vitfab Supernet, not {type(net).__name__}")
-    if partition not in PARTITIONS:
-        raise ToMeError(f"unknown ToMe partition '{partition}' (choose {', '.join(PARTITIONS)})")
+    check_partition(partition)
     state = ToMeState(Schedule.parse(r), [], prop_attn, protected=1, partition=partition)
-    supernet_per_layer(net, state.schedule)  # an unreachable target fails here, not in a later pass
+    resolved = {net.arch: supernet_per_layer(net, state.schedule)}  # an unreachable target fails here
     for i, blk in enumerate(net.blocks):
         blk.__class__ = ToMeSuperBlock
         blk._tome, blk._tome_index = state, i
     net.__class__ = ToMeSupernet
-    net._tome = state
+    net._tome, net._tome_resolved = state, resolved  # r per block of each subnet set so far
     return net
 
 
@@ -94,5 +94,5 @@ def remove_supernet(net: Supernet) -> Supernet:
         blk.__class__ = SuperBlock
         del blk._tome, blk._tome_index
     net.__class__ = Supernet
-    del net._tome
+    del net._tome, net._tome_resolved
     return net
