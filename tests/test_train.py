@@ -143,6 +143,32 @@ def test_balanced_sampling_draws_classes_equally_in_expectation():
     assert len(order) == 50 and len(set(order)) == 50  # a fraction of an epoch: no repeats
 
 
+def test_an_images_augmentation_is_the_same_for_any_number_of_processes(make_folder):
+    """ShareSampler keys each draw with a seed from its place in the epoch: two processes' shares,
+    batch by batch, are one process's keys; the dataset draws the augmentation from that seed
+    alone and leaves the caller's random state as it was."""
+    import random
+
+    from vitfab.data.dataset import ImageListDataset
+    from vitfab.data.transforms import Preprocess, train_transform
+    from vitfab.train.sampling import ShareSampler
+
+    one = list(ShareSampler(24, 8, 0, 1, torch.Generator().manual_seed(3), True, sample_seed=5))
+    two = [list(ShareSampler(24, 8, r, 2, torch.Generator().manual_seed(3), True, sample_seed=5)) for r in (0, 1)]
+    assert [k for b in range(3) for r in (0, 1) for k in two[r][4 * b:4 * b + 4]] == one
+    assert len({seed for _, seed in one}) == 24 and sorted(i for i, _ in one) == list(range(24))
+    root = make_folder({"a": 2}, size=32)
+    ds = ImageListDataset(root, [("a/a_0.png", 0), ("a/a_1.png", 0)], train_transform(Preprocess(img_size=32)))
+    torch.manual_seed(0)
+    random.seed(0)
+    before = (torch.get_rng_state(), random.getstate())
+    x = ds[(0, 11)][0]
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    torch.manual_seed(99)  # another global state: the same image, the same seed, the same augmentation
+    assert torch.equal(ds[(0, 11)][0], x)
+    assert not all(torch.equal(ds[(0, s)][0], x) for s in range(12, 20))  # other seeds, other draws
+
+
 def test_imbalanced_data_selects_on_macro_f1_and_balances(tmp_path, make_folder):
     """8:1 classes: the run samples class-balanced and keeps the epoch with the best validation
     macro-F1 (ties: the better top-1), as its metrics record says; balanced data keeps top-1."""

@@ -203,9 +203,14 @@ def run(config: JobConfig, out, resume, as_json, progress):
     """The main job: data -> DeiT-B/16 baseline -> supernet + search -> subnet x ToMe x precision
     -> the fastest configuration that meets the requirement, the ablation, the report."""
     from .optimize import resume_job, run_job
+    from .optimize.job import join_processes, recorded_device
     from .report import terminal_lines
+    from .runtime import is_main
 
+    join_processes(config.device if resume is None else recorded_device(resume))
     summary = resume_job(resume, progress) if resume is not None else run_job(config, out, progress)
+    if not is_main():  # under torchrun, rank 0 reports
+        return
     if as_json:
         return _print_json(summary.to_dict())
     _say("\n".join(terminal_lines(summary)))

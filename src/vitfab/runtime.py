@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import os
 import random
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -16,28 +17,70 @@ import torch.distributed as dist
 from .errors import VitfabError
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- torchrun
+# Objects (plans, stage results, decisions) travel over a gloo group even where training uses NCCL:
+# a process waiting for rank 0 then blocks on a socket instead of spinning on its GPU.
+_objects: "dist.ProcessGroup | None" = None
+_solo = False  # inside ``on_main`` on rank 0: this process acts alone (see ``world``)
 
 
 def world() -> tuple[int, int]:
-    """(rank, world size): (0, 1) outside ``torchrun``."""
-    if dist.is_available() and dist.is_initialized():
+    """(rank, world size): (0, 1) outside ``torchrun``, and on rank 0 inside ``on_main``, where
+    rank 0 works alone while the others wait."""
+    if dist.is_available() and dist.is_initialized() and not _solo:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
+def processes() -> int:
+    """How many processes run the job (torchrun's world size), also inside ``on_main``."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Whether this process is rank 0, the one that decides, measures and writes."""
+    return world()[0] == 0
+
+
 def init_distributed(device: str = "auto") -> tuple[int, int]:
     """Join the process group that ``torchrun`` set up (gloo on CPU, NCCL on GPUs); no-op otherwise."""
+    global _objects
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         use_cuda = device != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        _objects = dist.new_group(backend="gloo") if use_cuda else None
     return world()
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """How long a process waits for the others in any collective from now on (each stage of the
+    main job sets it from its own budget); no-op outside ``torchrun``."""
+    if world()[1] == 1:
+        return
+    setter = getattr(dist, "set_timeout", None) or getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if setter is None:  # an older torch: the timeout of init_process_group stays
+        return
+    for group in {None, _objects}:
+        setter(datetime.timedelta(seconds=seconds), group)
+
+
+def peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says another process of the group died or stopped answering."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        "gloo", "NCCL", "Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out"))
 
 
 def barrier() -> None:
     if world()[1] > 1:
-        dist.barrier()
+        dist.barrier(group=_objects)
 
 
 def broadcast_object(obj):
@@ -45,8 +88,69 @@ def broadcast_object(obj):
     if world()[1] == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_objects)
     return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * world()[1]
+    dist.all_gather_object(out, obj, group=_objects)
+    return out
+
+
+class PeerFailed(VitfabError):
+    """Another process of the run failed; its own message is on its own stderr."""
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` run by rank 0 alone (inside it ``world()`` is (0, 1)), its result on every rank;
+    where it fails, the other ranks stop with one line instead of waiting for it."""
+    global _solo
+    if world()[1] == 1:
+        return fn()
+    if is_main():
+        _solo = True
+        try:
+            result = fn()
+        except BaseException as exc:
+            _solo = False
+            broadcast_object(("failed", f"{type(exc).__name__}: {exc}".splitlines()[0]))
+            raise
+        _solo = False
+        broadcast_object(("ok", result))
+        return result
+    status, value = broadcast_object(None)
+    if status == "failed":
+        raise PeerFailed(f"process 0 failed ({value}); its line says why")
+    return value
+
+
+def map_shards(fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
+    """``fn(item)`` of every item, rank r computing items r, r + N, r + 2N, ... of N processes;
+    every rank gets all the results, in the items' order. Where ``fn`` fails on one rank, the
+    others stop with one line."""
+    rank, n = world()
+    if n == 1:
+        return [fn(x) for x in items]
+    mine, failure = [], None
+    try:
+        mine = [(i, fn(x)) for i, x in enumerate(items) if i % n == rank]
+    except Exception as exc:
+        failure = exc
+    parts = gather_objects(("failed", f"{type(failure).__name__}: {failure}".splitlines()[0]) if failure else
+                           ("ok", mine))
+    if failure is not None:
+        raise failure
+    out: list = [None] * len(items)
+    for k, (status, value) in enumerate(parts):
+        if status == "failed":
+            raise PeerFailed(f"process {k} failed ({value}); its line says why")
+        for i, v in value:
+            out[i] = v
+    return out
 
 
 def resolve_device(device: str = "auto") -> torch.device:

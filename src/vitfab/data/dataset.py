@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+import torch
 from torch.utils.data import Dataset
 
 from .images import load_image
@@ -25,10 +28,32 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """``key``: an index, or ``(index, seed)``: the transform's random draws then come from
+        ``seed`` alone (``ShareSampler(sample_seed=...)``), and the caller's random state is kept."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
         path, y = self.samples[i]
-        return self.transform(load_image(self.root / path, max_pixels=None)), y
+        image = load_image(self.root / path, max_pixels=None)
+        if seed is None:
+            return self.transform(image), y
+        with seeded_draws(seed):
+            return self.transform(image), y
 
     @property
     def targets(self) -> list[int]:
         return [y for _, y in self.samples]
+
+
+@contextlib.contextmanager
+def seeded_draws(seed: int) -> Iterator[None]:
+    """The block's draws from ``random`` and torch's CPU generator (what the augmentations use)
+    come from ``seed``; both states are restored afterwards. Cheaper than ``runtime.seeded``,
+    which a per-image call cannot afford."""
+    py, cpu = random.getstate(), torch.random.get_rng_state()
+    random.seed(seed)
+    torch.random.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        torch.random.set_rng_state(cpu)

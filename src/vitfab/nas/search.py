@@ -33,7 +33,7 @@ from ..models.arch import ArchConfig, SearchSpace, arch_macs, arch_params
 from ..options import option
 from ..progress import console, make_progress
 from ..rundir import JOB_STATE_FILE, RunDir
-from ..runtime import resolve_device
+from ..runtime import is_main, map_shards, on_main, resolve_device
 from .extract import extract_subnet
 from .train import load_supernet
 
@@ -181,10 +181,13 @@ class EvolutionarySearch:
         """Median batch-1 latency of the extracted subnet on the device, measured once and cached."""
         key = arch.short()
         if key not in self.latency_cache:
-            model = extract_subnet(self.net, arch).to(self.device)
-            size = (self.space.img_size, self.space.img_size)
-            speed = measure_speed([Timed(model, size, 1)], self.device, repeats=0, latency_runs=15)[0]
-            self.latency_cache[key] = speed.latency_ms_p50
+
+            def measure() -> float:  # on rank 0's device alone under torchrun: one clock decides
+                model = extract_subnet(self.net, arch).to(self.device)
+                size = (self.space.img_size, self.space.img_size)
+                return measure_speed([Timed(model, size, 1)], self.device, repeats=0, latency_runs=15)[0].latency_ms_p50
+
+            self.latency_cache[key] = on_main(measure)
         return self.latency_cache[key]
 
     def admissible(self, arch: ArchConfig) -> bool:
@@ -210,13 +213,15 @@ class EvolutionarySearch:
         p, t = torch.cat(preds).numpy(), torch.cat(targets).numpy()
         return metric_value(self.metric, t, p, self.num_classes)
 
-    def evaluate(self, arch: ArchConfig) -> Candidate:
-        key = arch.short()
-        if key not in self.evaluated:
+    def evaluate(self, archs: list[ArchConfig]) -> list[Candidate]:
+        """The candidates of ``archs``, scoring those not seen before; under ``torchrun`` the new
+        ones are shared out over the ranks and every rank gets every score."""
+        new = list({a.short(): a for a in archs if a.short() not in self.evaluated}.values())
+        for arch, accuracy in zip(new, map_shards(self.accuracy, new)):
+            key = arch.short()
             params, gmacs = self.costs(arch)
-            lat = self.latency_cache.get(key)
-            self.evaluated[key] = Candidate(arch, self.accuracy(arch), params, gmacs, lat, self.generation)
-        return self.evaluated[key]
+            self.evaluated[key] = Candidate(arch, accuracy, params, gmacs, self.latency_cache.get(key), self.generation)
+        return [self.evaluated[a.short()] for a in archs]
 
     # ------------------------------------------------------------------ population
     def _draw(self, make: Callable[[], ArchConfig], seen: set[str]) -> ArchConfig | None:
@@ -265,6 +270,8 @@ class EvolutionarySearch:
         return settings | ({"metric": self.metric} if self.metric != "top1" else {})
 
     def save_state(self) -> None:
+        if not is_main():  # rank 0 writes
+            return
         state = self.rng.getstate()
         write_json_atomic(self.state_path, {
             "settings": self._settings(), "generation": self.generation, "seconds": self.seconds,
@@ -305,7 +312,8 @@ class EvolutionarySearch:
 
     def run(self) -> SearchResult:
         self.check_feasible()
-        self.out.mkdir(parents=True, exist_ok=True)
+        if is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
         if self.load_state():
             console.print(f"resuming the search in {self.out} after generation {self.generation}")
         with make_progress(self.progress) as bar:
@@ -315,8 +323,7 @@ class EvolutionarySearch:
                 pop = self.next_population()
                 if not pop and not self.evaluated:
                     raise VitfabError(f"no architecture drawn from the space meets {self.limits.describe()}")
-                for arch in pop:
-                    self.evaluate(arch)
+                self.evaluate(pop)
                 top = self.ranked()[: self.cfg.parents]
                 self.seconds += time.perf_counter() - t0
                 self.history.append({"generation": self.generation, "new": len(pop), "evaluated": len(self.evaluated),
@@ -334,6 +341,12 @@ class EvolutionarySearch:
         use_latency = self.limits.max_latency_ms is not None
         front = pareto_front(ranked, (lambda c: c.latency_ms) if use_latency else (lambda c: c.gmacs))
         best = ranked[0]
+        if is_main():
+            self._write_results(ranked, front)
+        return SearchResult(best, ranked, front, self.out, len(self.evaluated), self.seconds, self.history)
+
+    def _write_results(self, ranked: list[Candidate], front: list[Candidate]) -> None:
+        best = ranked[0]
         top = {"RANKED": [{"RETRAIN": c.arch.to_dict(), "ACCURACY": c.accuracy, "PARAMS": c.params,
                            "GMACS": round(c.gmacs, 4), "LATENCY_MS": c.latency_ms} for c in ranked[: self.cfg.parents]]}
         write_text_atomic(self.out / "candidates.yaml", yaml.safe_dump(top, sort_keys=False))
@@ -347,7 +360,6 @@ class EvolutionarySearch:
                 w.writerow([f"{c.accuracy:.4f}", c.params, f"{c.gmacs:.4f}", c.latency_ms or "", c.arch.short()])
         with atomic_path(self.out / "log.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
-        return SearchResult(best, ranked, front, self.out, len(self.evaluated), self.seconds, self.history)
 
 
 @dataclass

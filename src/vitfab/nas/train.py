@@ -38,7 +38,8 @@ from ..rundir import RunDir, resolve_weights
 from ..runtime import autocast, resolve_amp, resolve_device, seeded, world
 from ..runtimes import load_model
 from ..train.config import TrainConfig
-from ..train.loop import Trainer, TrainResult, epoch_seed, prepare_split, resume_run, start_run
+from ..train.loop import Trainer, TrainResult, epoch_seed, prepare_split, start_run
+from ..train.resume import resume_run
 from .official import load_official_autoformer
 
 

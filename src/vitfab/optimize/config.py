@@ -158,6 +158,8 @@ class JobConfig(DataSettings):
     finetune_epochs: int | None = option(None, help="Nominal subnet fine-tune epochs (before the budget).")
     final_epochs: int | None = option(None, help="Nominal final fine-tune epochs (before the budget).")
     batch_size: int | None = option(None, help="Training batch size [default: 16 small, 64 full].")
+    drop_path: float = option(0.1, help="Stochastic depth rate of every ViT the job trains (baseline, supernet, "
+                                        "subnets, ViT references); 0 = off.")
     n_per_class: int = option(200, help="Synthetic images per class (no --data).")
     difficulty: float = option(0.5, help="Synthetic defect subtlety, 0..1 (no --data).")
     measure_seconds: float | None = option(None, help="Seconds per timed repeat [default: 0.5 with a budget, "
@@ -195,6 +197,7 @@ class JobConfig(DataSettings):
             (self.budget_minutes is None or self.budget_minutes >= 0, "--budget-minutes must be >= 0"),
             (self.top_k is None or self.top_k >= 1, "--top-k must be at least 1"),
             (self.batch_size is None or self.batch_size >= 1, "--batch-size must be at least 1"),
+            (0 <= self.drop_path < 1, f"--drop-path must lie in [0, 1), got {self.drop_path}"),
             (self.n_per_class >= 4, "--n-per-class must be at least 4 (train, val and test need images)"),
         ]
         for ok, msg in checks:
@@ -252,5 +255,5 @@ class JobConfig(DataSettings):
     def train_config(self, data: str, **kw) -> TrainConfig:
         """The training settings every stage shares (data, sizes, batch, seed, split), plus ``kw``."""
         tc = TrainConfig(data=data, img_size=self.img_size, patch_size=self.patch_size, batch_size=self.batch_size,
-                         device=self.device, select_on=self.metric, **self.data_settings())
+                         device=self.device, select_on=self.metric, drop_path=self.drop_path, **self.data_settings())
         return dataclasses.replace(tc, **kw)

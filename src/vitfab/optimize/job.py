@@ -7,6 +7,7 @@ Every check runs before the run folder is made; ``state.json`` records the finis
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from ..data.split import Split
 from ..data.synth import CLASSES
 from ..errors import VitfabError
+from ..files import read_json
 from ..evaluate.metrics import good_classes
 from ..lock import run_lock
 from ..measure.counts import count_macs, count_params
@@ -24,8 +26,9 @@ from ..precision.modes import check_supported
 from ..progress import console
 from ..records import RecordError, from_json
 from ..report.summary import Summary
-from ..rundir import RunDir
-from ..runtime import resolve_device
+from ..rundir import CONFIG_FILE, RunDir
+from ..runtime import (PeerFailed, gather_objects, init_distributed, is_main, on_main, processes, resolve_device,
+                       world)
 from ..train.loop import check_config, prepare_split
 from .config import JobConfig, passable_classes
 from .context import JobContext, run_stages
@@ -94,18 +97,37 @@ def check_space(config: JobConfig) -> None:
 
 
 def run_job(config: JobConfig, out: str | Path | None = None, progress: bool = True) -> Summary:
-    """A new main job (see ``stages``); returns its summary."""
-    config, split = check_job(config, progress)
-    run = RunDir.create(Path(out).resolve() if out is not None else None, prefix="run")
-    run.write_config({"kind": "main", "status": "running", "job": asdict(config)})
-    console.print(f"run folder: {run.root}")
-    return _finish(JobContext(run, config, PIPELINE, progress, split))
+    """A new main job (see ``stages``); returns its summary. Under ``torchrun`` every process
+    calls it: rank 0 makes the run folder, the others open it."""
+    config, split = check_job(config, progress and is_main())
+
+    def create() -> str:
+        run = RunDir.create(Path(out).resolve() if out is not None else None, prefix="run")
+        run.write_config({"kind": "main", "status": "running", "job": asdict(config), "world_size": processes()})
+        console.print(f"run folder: {run.root}")
+        return str(run.root.resolve())
+
+    return _finish(JobContext(_shared(on_main(create)), config, PIPELINE, progress, split))
+
+
+def _shared(root: str) -> RunDir:
+    """The run folder rank 0 made, opened on every rank; refused in one line where a rank cannot
+    see it (several machines without a filesystem they share)."""
+    seen = gather_objects(RunDir(Path(root)).config_path.is_file())
+    if any(seen) and not all(seen):
+        blind = ", ".join(str(k) for k, ok in enumerate(seen) if not ok)
+        raise VitfabError(f"the run folder {root} is not visible to process(es) {blind}: on several machines, put "
+                          f"--out on a filesystem they all share")
+    return RunDir.open(root)
 
 
 def resume_job(run_dir: str | Path, progress: bool = True) -> Summary:
     """Continue a main job after an interruption: finished stages are kept, the one in progress
-    continues (training after its last complete epoch, the search after its last generation)."""
-    run = RunDir.open(run_dir)
+    continues (training after its last complete epoch, the search after its last generation).
+    Under ``torchrun`` with another number of processes than before, the finished stages are
+    kept and a training stage in progress is refused in one line (its batches were cut for
+    the old number)."""
+    run = _shared(str(Path(run_dir).resolve()))
     cfg = run.read_config()
     if cfg.get("kind") != "main" or "job" not in cfg:
         raise VitfabError(f"{run.root} is not a main-job run folder (vitfab run)")
@@ -115,6 +137,9 @@ def resume_job(run_dir: str | Path, progress: bool = True) -> Summary:
         raise VitfabError(f"{run.root} was made with other settings than this vitfab knows ({exc}); start a new "
                           f"run") from None
     split = Split.load(run.split_path) if run.split_path.is_file() else None
+    before, now = cfg.get("world_size", 1), world()[1]
+    if before != now:
+        console.print(f"{run.root} was started by {before} process(es), now {now}: its finished stages are kept")
     return _finish(JobContext(run, config, PIPELINE, progress, split))
 
 
@@ -123,7 +148,33 @@ def _finish(ctx: JobContext) -> Summary:
     with run_lock(ctx.run.root):
         t0 = time.perf_counter()
         results = run_stages(ctx, PIPELINE)
-        summary = build_summary(ctx, results, round(time.perf_counter() - t0, 1))
-        summary.save(ctx.run.summary_path)
-        ctx.run.set_status("done")
-        return summary
+
+        def summarise() -> Summary:
+            summary = build_summary(ctx, results, round(time.perf_counter() - t0, 1))
+            summary.save(ctx.run.summary_path)
+            ctx.run.set_status("done")
+            return summary
+
+        return on_main(summarise)
+
+
+def recorded_device(run_dir: str | Path) -> str:
+    """The --device a main-job run folder was started with ("auto" where it cannot be read)."""
+    try:
+        return str(read_json(Path(run_dir) / CONFIG_FILE)["job"]["device"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "auto"  # resume_job says what is wrong with the folder
+
+
+def join_processes(device: str) -> None:
+    """Under torchrun: join the process group, keep the other ranks' notes quiet (rank 0 speaks),
+    and turn torchrun's SIGTERM (sent to every process once one has failed) into a line."""
+    rank, n = init_distributed(device)
+    if n == 1:
+        return
+    console.quiet = rank != 0
+
+    def stopped(signum, frame):
+        raise PeerFailed("stopped by torchrun (SIGTERM), which stops every process once one has failed")
+
+    signal.signal(signal.SIGTERM, stopped)

@@ -28,8 +28,9 @@ from ..measure.counts import count_macs, count_params
 from ..measure.energy import MIN_WINDOW_SECONDS, EnergyUnavailable, open_energy_counter
 from ..measure.speed import Timed, measure_speed
 from ..nas.search import pareto_front
-from ..precision import Precision
+from ..precision import Precision, prepare_model
 from ..progress import make_progress
+from ..runtime import is_main, map_shards, on_main, world
 from ..runtimes import load_model
 from ..tome import ScheduleError, apply_spec, tome_info
 
@@ -157,33 +158,58 @@ def score(c: JointCandidate, outputs: tuple[np.ndarray, np.ndarray], operating) 
     c.operating = None if fitted is None else fitted.to_dict()
 
 
-def _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar, operating, searched):
-    """Every (model, schedule, precision) with its validation metrics and operating point; and the
-    prepared models. ``searched[label]``: (name, spec) of that model's searched schedules."""
-    cands: list[JointCandidate] = []
-    ready: list[tuple[JointCandidate, torch.nn.Module]] = []
-    total = sum(len(schedules) + len(searched.get(label, ())) for label, _, _ in models) * len(precisions)
-    t = bar.add_task("joint search: accuracy", total=total, info="")
-    for label, ckpt, arch in models:
-        fp32 = load(ckpt)
-        for name, spec in [(None, s) for s in schedules] + list(searched.get(label, ())):
+def _merged_models(load: Callable[[str], torch.nn.Module]):
+    """``merged(checkpoint, spec)``: (the fp32 model with ToMe ``spec`` applied, or None; the
+    reason it could not be; r per layer; params; MACs), each loaded and patched once."""
+    fp32: dict[str, torch.nn.Module] = {}
+    cache: dict[tuple[str, str | None], tuple] = {}
+
+    def merged(ckpt: str, spec: str | None):
+        if (ckpt, spec) not in cache:
+            if ckpt not in fp32:
+                fp32[ckpt] = load(ckpt)
             try:  # a copy per schedule: tome.apply patches in place
-                merged, err = apply_spec(copy.deepcopy(fp32), spec), None
+                m, err = apply_spec(copy.deepcopy(fp32[ckpt]), spec), None
             except ScheduleError as exc:
-                merged, err = None, str(exc)
-            info = tome_info(merged) if merged is not None else None
-            params = count_params(merged) if merged is not None else 0
-            macs = count_macs(merged) if merged is not None else 0
-            for p in precisions:
-                c = JointCandidate(label, ckpt, spec, p.value, arch, params, macs / 1e9,
-                                   info["r_per_layer"] if info else [], error=err, tome_name=name)
-                cands.append(c)
-                if err is None:
-                    m, outputs, c.error = prepared_outputs(merged, p, val_batches, device)
-                    if m is not None:
-                        score(c, outputs, operating)
-                        ready.append((c, m))
-                bar.update(t, advance=1, info=c.key)
+                m, err = None, str(exc)
+            info = tome_info(m) if m is not None else None  # None also without merging
+            r = info["r_per_layer"] if info else []
+            cache[(ckpt, spec)] = (m, err, r, count_params(m) if m is not None else 0,
+                                   count_macs(m) if m is not None else 0)
+        return cache[(ckpt, spec)]
+
+    return merged
+
+
+def _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar, operating, searched):
+    """Every (model, schedule, precision) with its validation metrics and operating point (under
+    ``torchrun`` the combinations are shared out over the ranks and every rank gets them all);
+    and, on rank 0, the prepared models of those that run. ``searched[label]``: (name, spec) of
+    that model's searched schedules."""
+    jobs = [(label, ckpt, arch, name, spec, p) for label, ckpt, arch in models
+            for name, spec in [(None, s) for s in schedules] + list(searched.get(label, ())) for p in precisions]
+    rank, n = world()
+    t = bar.add_task("joint search: accuracy", total=len(jobs[rank::n]), info="")
+    merged, prepared = _merged_models(load), {}
+
+    def measure(i: int) -> JointCandidate:
+        label, ckpt, arch, name, spec, p = jobs[i]
+        model, err, r, params, macs = merged(ckpt, spec)
+        c = JointCandidate(label, ckpt, spec, p.value, arch, params, macs / 1e9, r, error=err, tome_name=name)
+        if err is None:
+            m, outputs, c.error = prepared_outputs(model, p, val_batches, device)
+            if m is not None:
+                score(c, outputs, operating)
+                if is_main():  # kept for the timing, which is rank 0's
+                    prepared[i] = m
+        bar.update(t, advance=1, info=c.key)
+        return c
+
+    cands = map_shards(measure, range(len(jobs)))
+    ready = {} if not is_main() else {  # rank 0 times them all: prepare those another rank measured
+        i: prepared[i] if i in prepared else prepare_model(merged(c.checkpoint, c.tome)[0], Precision(c.precision),
+                                                           device)
+        for i, c in enumerate(cands) if c.error is None}
     return cands, ready
 
 
@@ -203,7 +229,8 @@ def joint_search(
     operating: Callable[[np.ndarray, np.ndarray], OperatingPoint] | None = None,
     searched: dict[str, Sequence[tuple[str, str]]] | None = None,
 ) -> list[JointCandidate]:
-    """Every (model, schedule, precision): validation metrics, then speed, interleaved.
+    """Every (model, schedule, precision): validation metrics, then speed, interleaved (under
+    ``torchrun``: the validation passes shared out over the ranks, the speed on rank 0's device).
 
     ``models``: (label, checkpoint, arch description). ``load(checkpoint)`` gives the fp32 model
     (default ``vitfab.load_model``). ``operating(logits, targets)``: the operating point fitted on
@@ -215,12 +242,15 @@ def joint_search(
     with make_progress(progress) as bar:
         cands, ready = _accuracy_pass(models, schedules, precisions, val_batches, device, load, bar, operating,
                                       searched or {})
-        if ready:
-            items = [Timed(m, val_batches.image_size, batch_size) for _, m in ready]
+        timed = [i for i, c in enumerate(cands) if c.error is None]
+
+        def time_them() -> list[tuple[float, float, float | None]]:  # on rank 0's device alone
+            items = [Timed(ready[i], val_batches.image_size, batch_size) for i in timed]
             energy = MIN_WINDOW_SECONDS if objective == "energy" else None
             speeds = measure_speed(items, device, repeats, min_repeat_seconds, latency_runs, energy, progress=bar,
                                    label="joint search")
-            for (c, _), s in zip(ready, speeds):
-                c.img_per_s, c.latency_ms = s.img_per_s, s.latency_ms_p50
-                c.joules_per_img = s.energy.joules_per_img if s.energy else None
+            return [(s.img_per_s, s.latency_ms_p50, s.energy.joules_per_img if s.energy else None) for s in speeds]
+
+        for i, (ips, ms, joules) in zip(timed, on_main(time_them) if timed else []):
+            cands[i].img_per_s, cands[i].latency_ms, cands[i].joules_per_img = ips, ms, joules
     return cands

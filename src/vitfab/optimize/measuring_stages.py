@@ -18,6 +18,7 @@ from ..models import BASELINE, create_model, read_meta, save_checkpoint
 from ..nas.search import EvolutionarySearch, Limits, SearchConfig
 from ..nas.train import load_supernet
 from ..precision import Precision, prepare_model
+from ..runtime import map_shards, on_main
 from ..progress import console
 from ..records import to_json
 from ..report import write_report
@@ -126,33 +127,44 @@ def _searched_schedules(ctx: JobContext, split, models, out) -> tuple[dict[str, 
 
 def stage_joint(ctx: JobContext, data: DataResult, baseline: BaselineResult, references: ReferencesResult,
                 finetune: FinetuneResult) -> JointResult:
+    """Under ``torchrun`` the validation passes are shared out over the ranks; the schedule search,
+    every timing, the other runtimes and the choice are rank 0's."""
     c, split = ctx.config, data.load_split()
     metric = data.metric
-    base_model = load_model(baseline.checkpoint)
-    val = ctx.loader(split, "val", base_model.vitfab_meta.preprocess)
+    pre = read_meta(baseline.checkpoint).preprocess
+    val = ctx.loader(split, "val", pre)
     fp32 = Precision.FP32
 
-    def val_of(model):
-        return validation_scores(prepare_model(model, fp32, ctx.device), val, ctx.device, fp32)[metric]
+    def val_of(checkpoint):
+        return validation_scores(prepare_model(load_model(checkpoint), fp32, ctx.device), val, ctx.device,
+                                 fp32)[metric]
 
-    baseline_val = val_of(base_model)
-    ref_val = {m.label: val_of(load_model(m.checkpoint)) for m in references.models}
-    source, how, value = _requirement_source(ctx, baseline_val, ref_val)
-    threshold = c.requirement().threshold(value)
+    baseline_val, *refs = map_shards(val_of, [baseline.checkpoint] + [m.checkpoint for m in references.models])
+    ref_val = {m.label: v for m, v in zip(references.models, refs)}
     models = [(m.label, m.checkpoint, m.arch) for m in finetune.models]
     modes = c.precision_modes(ctx.device)
     fit = data.operating_fitter(c.ceilings())
     out = ctx.run.stage_dir("joint")
-    searched, probes = _searched_schedules(ctx, split, models, out)
+    searched, probes = on_main(lambda: _searched_schedules(ctx, split, models, out))
     configs = len(models) * len(c.tome_schedules()) + sum(len(v) for v in searched.values())
     timed = configs * len(modes) * 3  # three interleaved repeats each
     cands = joint_search(models, c.tome_schedules(), modes, val, ctx.device, c.objective,
                          batch_size=default_batch(ctx.device), progress=ctx.progress,
                          min_repeat_seconds=repeat_seconds(c.measure_seconds, ctx.budget.share("joint"), timed, 0.5),
                          operating=fit, searched=searched)
+    return on_main(lambda: _choose_joint(ctx, data, pre, val, cands, (baseline_val, ref_val), probes, timed))
+
+
+def _choose_joint(ctx: JobContext, data: DataResult, pre, val, cands: list[JointCandidate],
+                  measured: tuple[float, dict[str, float]], probes: list, timed: int) -> JointResult:
+    """The joint stage on rank 0: the other runtimes, the requirement, the choice, the record."""
+    c, split, metric, (baseline_val, ref_val) = ctx.config, data.load_split(), data.metric, measured
+    source, how, value = _requirement_source(ctx, baseline_val, ref_val)
+    threshold = c.requirement().threshold(value)
+    modes, fit, out = c.precision_modes(ctx.device), data.operating_fitter(c.ceilings()), ctx.run.stage_dir("joint")
     axis = resolve_runtimes(c.runtime_names(), ctx.device)
     if len(axis.used) > 1:
-        calib = image_batches(split.root, split.train, base_model.vitfab_meta.preprocess, CALIBRATION_IMAGES)
+        calib = image_batches(split.root, split.train, pre, CALIBRATION_IMAGES)
         cands = runtime_pass(cands, axis, threshold, c.objective, metric, val, ctx.device, out / "artifacts", calib,
                              load_model, fit, default_batch(ctx.device), progress=ctx.progress,
                              min_repeat_seconds=repeat_seconds(c.measure_seconds, ctx.budget.share("joint"),

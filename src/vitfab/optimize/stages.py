@@ -27,7 +27,9 @@
 13. report     report.md, report.html, PNG plots, summary.json
 
 Each stage is a function ``(ctx, **the results it requires) -> its result``; adding one is a new
-function and one line in ``PIPELINE``.
+function and one line in ``PIPELINE``. Under ``torchrun`` the training stages (``train``) run
+data-parallel on every rank, the search and the joint search (``shard``) share their validation
+passes out over the ranks, and the rest run on rank 0 alone (``context``).
 """
 
 from __future__ import annotations
@@ -43,14 +45,15 @@ from .training_stages import (stage_baseline, stage_data, stage_final, stage_fin
 
 PIPELINE: tuple[Stage, ...] = (
     Stage("data", 0.05, stage_data, (), DataResult),
-    Stage("references", 3.0, stage_references, ("data",), ReferencesResult),
-    Stage("pilot", 0.5, stage_pilot, ("data", "references"), PilotResult),
-    Stage("baseline", 0.5, stage_baseline, ("data",), BaselineResult),
-    Stage("supernet", 2.0, stage_supernet, ("data", "references", "pilot"), SupernetResult),
-    Stage("search", 0.4, stage_search, ("data", "baseline", "supernet"), SearchStageResult),
-    Stage("finetune", 1.4, stage_finetune, ("data", "supernet", "search", "references", "pilot"), FinetuneResult),
-    Stage("joint", 0.4, stage_joint, ("data", "baseline", "references", "finetune"), JointResult),
-    Stage("final", 0.7, stage_final, ("data", "finetune", "joint", "references", "pilot"), FinalResult),
+    Stage("references", 3.0, stage_references, ("data",), ReferencesResult, "train"),
+    Stage("pilot", 0.5, stage_pilot, ("data", "references"), PilotResult, "train"),
+    Stage("baseline", 0.5, stage_baseline, ("data",), BaselineResult, "train"),
+    Stage("supernet", 2.0, stage_supernet, ("data", "references", "pilot"), SupernetResult, "train"),
+    Stage("search", 0.4, stage_search, ("data", "baseline", "supernet"), SearchStageResult, "shard"),
+    Stage("finetune", 1.4, stage_finetune, ("data", "supernet", "search", "references", "pilot"), FinetuneResult,
+          "train"),
+    Stage("joint", 0.4, stage_joint, ("data", "baseline", "references", "finetune"), JointResult, "shard"),
+    Stage("final", 0.7, stage_final, ("data", "finetune", "joint", "references", "pilot"), FinalResult, "train"),
     Stage("export", 0.15, stage_export, ("final",), ExportResult),
     Stage("ablation", 0.8, stage_ablation, ("data", "baseline", "references", "joint", "final"), AblationResult),
     Stage("quality", 0.1, stage_quality, ("data", "baseline", "references", "final"), QualityResult),

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from ..errors import VitfabError
 from ..files import read_json, write_json_atomic
 from ..records import RecordError, from_json, to_json
+from ..runtime import is_main, on_main
 from .budget import Budget
 
 JOB_STATE_FORMAT = "vitfab-job-state/4"  # 4: the metric, good classes, operating points, quality
@@ -21,8 +22,8 @@ class JobState:
         self.stages: dict[str, dict[str, Any]] = {}  # name -> {"result": JSON, "seconds": s}
         self.plans: dict[str, dict[str, Any]] = {}
         self.budget = Budget(budget_seconds, dict(weights))
-        if self.path.is_file():
-            data = read_json(self.path)
+        data = on_main(lambda: read_json(self.path) if self.path.is_file() else None)  # rank 0's, on every rank
+        if data is not None:
             if data.get("format") != JOB_STATE_FORMAT:
                 found = data.get("format") or "no format field (vitfab 0.1 before the typed stages)"
                 raise VitfabError(f"{self.path.parent} was written by another vitfab version ({found}); this one "
@@ -31,8 +32,10 @@ class JobState:
             self.budget = Budget.from_dict(data["budget"], weights)
 
     def save(self) -> None:
-        write_json_atomic(self.path, {"format": JOB_STATE_FORMAT, "stages": self.stages, "plans": self.plans,
-                                      "budget": self.budget.to_dict()})
+        """Written by rank 0 only (under ``torchrun`` every rank keeps the same state in memory)."""
+        if is_main():
+                write_json_atomic(self.path, {"format": JOB_STATE_FORMAT, "stages": self.stages, "plans": self.plans,
+                                          "budget": self.budget.to_dict()})
 
     def done(self, stage: str) -> bool:
         return stage in self.stages
@@ -53,8 +56,15 @@ class JobState:
         return {k: v["seconds"] for k, v in self.stages.items()}
 
     def plan(self, stage: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """A stage's settings, fixed when it first starts (a resumed stage keeps them)."""
-        if stage not in self.plans:
-            self.plans[stage] = make()
-            self.save()
+        """A stage's settings, fixed when it first starts (a resumed stage keeps them). Under
+        ``torchrun`` rank 0 makes them (its clock, its probes) and every rank gets them, with the
+        budget's cuts, so the ranks never plan apart."""
+
+        def decide():
+            if stage not in self.plans:
+                self.plans[stage] = make()
+                self.save()
+            return self.plans[stage], list(self.budget.cuts)
+
+        self.plans[stage], self.budget.cuts = on_main(decide)
         return self.plans[stage]

@@ -9,6 +9,7 @@ import torch
 
 from ..evaluate.accuracy import METRIC_NAMES
 from ..measure.measurement import device_name
+from ..runtime import processes
 from ..report.summary import (AblationRecord, BudgetInfo, CandidateRow, ChosenInfo, DataInfo, DeviceInfo, JointInfo,
                               ReferenceInfo, Summary, TeachingInfo, metric_of)
 from .context import JobContext
@@ -66,7 +67,7 @@ def build_summary(ctx: JobContext, results: dict[str, Any], wall_seconds: float 
     return Summary(
         run=str(ctx.run.root),
         device=DeviceInfo(ctx.device.type, device_name(ctx.device), torch.get_num_threads(), torch.__version__,
-                          ctx.amp),
+                          ctx.amp, processes(), c.batch_size),
         data=DataInfo(data.data, data.synthetic, data.classes, data.images, c.img_size, c.patch_size, c.scale),
         config=asdict(c),
         objective=c.objective,

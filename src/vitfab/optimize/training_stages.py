@@ -23,6 +23,7 @@ from ..precision import Precision
 from ..progress import console, task
 from ..report.summary import TestMetrics
 from ..rundir import WEIGHTS_FILE
+from ..runtime import on_main
 from ..runtimes import CALIBRATION_IMAGES, load_model
 from ..tome import apply_spec
 from ..train import TrainConfig
@@ -91,10 +92,10 @@ def reference_config(ctx: JobContext, data: str, name: str, epochs: int = 1, tim
     """The reference recipe: AdamW lr 1e-3, weight decay 0.05, cosine over the epochs, label smoothing
     0.1, flips and 90-degree rotations, mixed precision, batch 32, the epoch with the best validation
     value of the run's metric kept. A ViT reference keeps vitfab's small-data ViT settings (batch and
-    warm-up of the run, lr 5e-4, drop-path 0.1), a ViT at lr 1e-3 without warm-up does worse."""
+    warm-up of the run, lr 5e-4, the run's drop-path), a ViT at lr 1e-3 without warm-up does worse."""
     c = ctx.config
     vit = is_vit(create_model(name, num_classes=2, img_size=c.img_size))
-    recipe = (dict(patch_size=c.patch_size, lr=5e-4, warmup_epochs=min(1.0, epochs / 5), drop_path=0.1) if vit
+    recipe = (dict(patch_size=c.patch_size, lr=5e-4, warmup_epochs=min(1.0, epochs / 5)) if vit
               else dict(patch_size=None, batch_size=32, lr=1e-3, warmup_epochs=0.0, drop_path=0.0))
     if pretrained:  # fine-tuning hub weights: the lower learning rate of a fine-tune
         recipe["lr"] = None
@@ -259,7 +260,8 @@ def stage_supernet(ctx: JobContext, data: DataResult, references: ReferencesResu
                    pilot: PilotResult) -> SupernetResult:
     c, split = ctx.config, data.load_split()
     base = c.train_config(data.data)
-    kw = {k: getattr(base, k) for k in ("data", "img_size", "patch_size", "batch_size", "device")} | c.data_settings()
+    kw = {k: getattr(base, k) for k in ("data", "img_size", "patch_size", "batch_size", "device", "drop_path")}
+    kw |= c.data_settings()
     kw |= _distill(pilot, references)
     kw |= dict(embed=pilot.embed, supernet_weights=c.supernet_weights, select=c.select)
     init, start = c.supernet_start(), "random weights"
@@ -299,9 +301,14 @@ def stage_finetune(ctx: JobContext, data: DataResult, supernet: SupernetResult, 
     net, jobs = None, []  # (label, extracted checkpoint, arch)
     for k, t in enumerate(search.top, 1):
         extracted = ctx.run.stage_dir("finetune") / f"subnet-{k}-extracted"
-        if not (extracted / WEIGHTS_FILE).is_file():
-            net = net or load_supernet(supernet.run)
-            extract_to(net, t.arch, extracted, source=supernet.run)
+
+        def extract(extracted=extracted, arch=t.arch):  # rank 0 writes; the others read it after
+            nonlocal net
+            if not (extracted / WEIGHTS_FILE).is_file():
+                net = net or load_supernet(supernet.run)
+                extract_to(net, arch, extracted, source=supernet.run)
+
+        on_main(extract)
         jobs.append((f"subnet-{k}", extracted, t.arch.short()))
     distill = _distill(pilot, references)
     share = ctx.budget.share("finetune")
@@ -329,7 +336,7 @@ def stage_final(ctx: JobContext, data: DataResult, finetune: FinetuneResult, joi
                 references: ReferencesResult, pilot: PilotResult) -> FinalResult:
     """The chosen configuration fine-tuned with its ToMe schedule on (and the teacher); kept only
     where validation says so; saved as chosen/ and evaluated once on the test split."""
-    c, split, chosen, metric = ctx.config, data.load_split(), joint.chosen, joint.metric
+    c, split, chosen = ctx.config, data.load_split(), joint.chosen
     distill = _distill(pilot, references)
     share = ctx.budget.share("final")
 
@@ -344,8 +351,15 @@ def stage_final(ctx: JobContext, data: DataResult, finetune: FinetuneResult, joi
 
     e = ctx.plan("final", make)["epochs"]
     res = ctx.train_stage(ctx.run.stage_dir("final"), tc_for(e), split)
+    return on_main(lambda: _keep_and_test(ctx, data, joint, res.run, e))
+
+
+def _keep_and_test(ctx: JobContext, data: DataResult, joint: JointResult, tuned_run, e: int) -> FinalResult:
+    """The final fine-tune's outcome (rank 0): kept or not on validation, saved as chosen/, tested once."""
+    c, split, chosen, metric = ctx.config, data.load_split(), joint.chosen, joint.metric
+    best = tuned_run.find_checkpoint("best")
     p = Precision(chosen.precision)
-    tuned = load_model(res.run.find_checkpoint("best"))
+    tuned = load_model(best)
     val = ctx.loader(split, "val", tuned.vitfab_meta.preprocess)
     calib = None if chosen.runtime == "torch" else image_batches(split.root, split.train, tuned.vitfab_meta.preprocess,
                                                                  CALIBRATION_IMAGES)
@@ -360,7 +374,7 @@ def stage_final(ctx: JobContext, data: DataResult, finetune: FinetuneResult, joi
     # kept where validation is no worse, and its operating point still meets ceilings the choice met
     keep_tuned = tuned_val >= chosen.score(metric) and (tuned_op is None or tuned_op.met or not chosen.meets_ceilings)
     op = (None if tuned_op is None else tuned_op.to_dict()) if keep_tuned else chosen.operating
-    source = res.run.find_checkpoint("best") if keep_tuned else Path(chosen.checkpoint)
+    source = best if keep_tuned else Path(chosen.checkpoint)
     model = apply_spec(load_model(source), chosen.tome)
     save_checkpoint(ctx.run.chosen, model, {"precision": chosen.precision, "runtime": chosen.runtime,
                                             "choice": chosen.to_dict(),
@@ -381,5 +395,5 @@ def stage_final(ctx: JobContext, data: DataResult, finetune: FinetuneResult, joi
                   f"val {name} {100 * tuned_val:.2f} % vs {100 * chosen.score(metric):.2f} % off the shelf -> "
                   f"{'kept' if keep_tuned else 'not kept'}; test top-1 {100 * m['top1']:.2f} %, macro-F1 "
                   f"{m['macro_f1']:.3f}")
-    return FinalResult(str(res.run.root), e, tuned_val, chosen.score(metric), keep_tuned, str(ctx.run.chosen),
+    return FinalResult(str(tuned_run.root), e, tuned_val, chosen.score(metric), keep_tuned, str(ctx.run.chosen),
                        chosen.checkpoint, TestMetrics.of(m), op)

@@ -55,6 +55,10 @@ def _header(s: Summary) -> list[str]:
     L = [f"# vitfab report: {Path(s.run).name}", "",
          f"Device: **{dev.name}** ({dev.type}), {dev.threads} threads, torch {dev.torch}; training mixed precision: "
          f"{dev.train_amp}. Every number below was measured in this run.", "",
+         *([f"Processes: **{dev.processes}** (torchrun): every training stage data-parallel over them (the ViTs' global "
+            f"batch {dev.batch}, {dev.batch // dev.processes if dev.batch else '?'} per process, the learning rate of "
+            f"one process), the validation passes of both searches shared out; every speed measured on rank 0's device "
+            f"({dev.name}).", ""] if dev.processes > 1 else []),
          f"Data: `{d.data}`{' (synthetic X-ray package defects)' if d.synthetic else ''}: {len(d.classes)} classes, "
          f"{d.images.get('train')} train / {d.images.get('val')} val / {d.images.get('test')} test images at "
          f"{d.img_size} px, patch {d.patch_size} (scale `{d.scale}`).", "",

@@ -26,6 +26,8 @@ class DeviceInfo:
     threads: int
     torch: str
     train_amp: str
+    processes: int = 1  # torchrun's world size: training data-parallel over them, every speed on rank 0's device
+    batch: int | None = None  # the global training batch (each process takes batch / processes)
 
 
 @dataclass(frozen=True)

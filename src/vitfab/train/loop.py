@@ -33,18 +33,18 @@ from ..data.transforms import eval_transform, train_transform
 from ..errors import VitfabError
 from ..evaluate.metrics import classification_metrics
 from ..evaluate.runner import collect_logits, make_eval_loader, plot_confusion
-from ..files import existing_dir, write_json_atomic
+from ..files import write_json_atomic
 from ..lock import run_lock
-from ..models.checkpoint import STATE_FILE, read_meta, save_checkpoint
+from ..models.checkpoint import read_meta, save_checkpoint
 from ..models.factory import check_model_name, create_model, describe
-from ..models.weights import read_state_dict
 from ..progress import console, make_progress
-from ..rundir import WEIGHTS_FILE, RunDir, resolve_weights
+from ..rundir import RunDir, resolve_weights
 from ..runtime import (autocast, barrier, broadcast_object, default_workers, resolve_amp, resolve_device, rng_restored,
                        seed_everything, seeded, world)
 from ..runtimes import load_model
 from ..tome import apply as apply_tome
 from .config import TrainConfig
+from .resume import resume_run
 from .sampling import ShareSampler, balanced_weights, class_loss_weights, epoch_seed, warmup_cosine
 
 
@@ -138,7 +138,8 @@ class Trainer:
             batch = max(2, batch - batch % 2)
         count = max(batch, int(round(len(ds) * self.config.epoch_fraction)))
         drop_last = (mixing or count >= 4 * batch or self.world > 1) and count >= batch
-        sampler = ShareSampler(len(ds), batch, self.rank, self.world, g, drop_last, self.sample_weights, count)
+        sampler = ShareSampler(len(ds), batch, self.rank, self.world, g, drop_last, self.sample_weights, count,
+                               sample_seed=epoch_seed(self.config.seed, epoch) if self.config.augment else None)
         return DataLoader(ds, batch_size=sampler.local_batch, sampler=sampler, generator=g,
                           num_workers=self.workers, pin_memory=self.device.type == "cuda", persistent_workers=False)
 
@@ -147,6 +148,8 @@ class Trainer:
 
     def setup(self, model) -> None:
         c = self.config
+        if self.world > 1 and self.device.type == "cuda":  # batch statistics over the global batch, as in one process
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (CPU: over each process's share)
         self.model = model.to(self.device)
         self.train_model = self.model
         if self.world > 1:
@@ -203,7 +206,8 @@ class Trainer:
     # --- one epoch ----------------------------------------------------------------------
     def train_one_epoch(self, epoch: int, progress) -> dict[str, float]:
         c, model, opt = self.config, self.model, self.optimizer
-        # augmentation and drop-path differ per rank; the data order and subnet draws do not
+        # drop-path and mixup differ per rank; the data order, each image's augmentation (drawn from
+        # its place in the epoch, ShareSampler) and the subnet draws do not
         seed_everything(epoch_seed(c.seed, epoch) + 7919 * self.rank)
         loader = self._train_loader(epoch)
         model.train()
@@ -344,6 +348,7 @@ class Trainer:
                 elapsed = time.perf_counter() - t_start  # stop where the next epoch would end past the limit
                 late = c.time_limit is not None and elapsed * (epoch + 2 - self.start_epoch) / (
                     epoch + 1 - self.start_epoch) > c.time_limit
+                late = broadcast_object(late)  # rank 0's clock decides: the ranks stop together
                 if late and epoch + 1 < c.epochs:
                     stopped = epoch + 1
                     if self.rank == 0:
@@ -442,7 +447,9 @@ def start_run(out: str | Path | None, prefix: str, config: dict[str, Any], split
     if world()[0] == 0:
         run = RunDir.create(out, prefix=prefix)
         split.save(run.split_path)
-        run.write_config(config | {"world_size": world()[1]})
+        n = world()[1]  # the global batch is the configured one, each process takes its share
+        per = {"batch_per_process": config["train"]["batch_size"] // n} if "train" in config else {}
+        run.write_config(config | {"world_size": n} | per)
         console.print(f"run folder: {run.root}")
         console.print(report_split(split))
         console.print(summary)
@@ -453,44 +460,3 @@ def start_run(out: str | Path | None, prefix: str, config: dict[str, Any], split
 def resume(run_dir: str | Path, progress: bool = True) -> TrainResult:
     """Continue a training run after its last complete epoch (e.g. after ``kill -9``)."""
     return resume_run(run_dir, "train", TrainConfig, build_model, Trainer, progress)
-
-
-def resume_run(run_dir: str | Path, kind: str, config_cls, build, trainer_cls, progress: bool = True) -> TrainResult:
-    """The resume procedure for any trainer: ``build(config, classes, with_weights)`` makes the
-    model, ``trainer_cls(run, config, split, progress)`` trains it."""
-    run = RunDir.open(run_dir)
-    with run_lock(run.root):
-        return _resume_locked(run, kind, config_cls, build, trainer_cls, progress)
-
-
-def _resume_locked(run: RunDir, kind: str, config_cls, build, trainer_cls, progress: bool) -> TrainResult:
-    cfg = run.read_config()
-    if cfg.get("kind") != kind:
-        raise VitfabError(f"{run.root} is not a {kind} run (it is '{cfg.get('kind')}')")
-    if cfg.get("world_size", 1) != world()[1]:
-        raise VitfabError(f"{run.root} was trained by {cfg.get('world_size', 1)} process(es); resume it with as "
-                          f"many (now {world()[1]}), or the batches and the LR schedule would not line up")
-    config = config_cls.from_dict(cfg["train"])
-    split = Split.load(run.split_path)
-    trainer = trainer_cls(run, config, split, progress)
-    last = existing_dir(run.checkpoint("last"))
-    if last is None:  # killed before the first epoch ended: start over with the same split
-        trainer.setup(build(config, split.classes, True))
-        if trainer.rank == 0:
-            run.truncate_metrics(-1)
-            console.print(f"resuming {run.root} from the start (no complete epoch)")
-        return trainer.fit()
-    model = build(config, split.classes, False)
-    model.load_state_dict(read_state_dict(last / WEIGHTS_FILE))
-    model.vitfab_meta = read_meta(last)
-    trainer.setup(model)
-    state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
-    trainer.restore(state)
-    if trainer.rank == 0:
-        run.truncate_metrics(trainer.start_epoch - 1)
-        if trainer.start_epoch >= config.epochs and cfg.get("status") == "done":
-            console.print(f"{run.root} has already finished all {config.epochs} epochs")
-        else:
-            console.print(f"resuming {run.root} at epoch {trainer.start_epoch + 1}/{config.epochs}")
-    barrier()
-    return trainer.fit()

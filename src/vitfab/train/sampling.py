@@ -15,14 +15,20 @@ SELECT_METRICS = ("auto", "top1", "macro_f1", "balanced_accuracy")
 class ShareSampler(torch.utils.data.Sampler):
     """One seeded permutation per epoch, cut into global batches; under ``torchrun`` rank r takes
     the r-th share of each (the incomplete last batch is then dropped). Averaged over ranks, the
-    gradients equal one process's on the global batch, so N processes train like one."""
+    gradients equal one process's on the global batch, so N processes train like one.
+
+    With ``sample_seed`` it yields ``(image, seed)`` keys instead of image indices: the seed of
+    the draw at position p of the epoch's order, from which ``ImageListDataset`` draws that
+    image's augmentation. An image's augmentation then depends on the epoch and its place in the
+    order alone, not on how many processes (or data-loading workers) share the epoch."""
 
     def __init__(self, n: int, global_batch: int, rank: int, world: int, generator: torch.Generator,
-                 drop_last: bool = True, weights: torch.Tensor | None = None, count: int | None = None):
+                 drop_last: bool = True, weights: torch.Tensor | None = None, count: int | None = None,
+                 sample_seed: int | None = None):
         """``weights`` (one per image): draw ``count`` images (default n) with replacement in
         proportion to them (class-balanced sampling) instead of a permutation; ``count`` < n
         without weights: the first ``count`` of the permutation (a fraction of an epoch)."""
-        self.generator, self.weights = generator, weights
+        self.generator, self.weights, self.sample_seed = generator, weights, sample_seed
         self.n = n if count is None else max(1, min(count, n) if weights is None else count)
         self.population = n
         self.local_batch = max(1, global_batch // world)
@@ -41,7 +47,11 @@ class ShareSampler(torch.utils.data.Sampler):
         stop = self.n - self.global_batch + 1 if self.drop_last else self.n
         for start in range(0, max(stop, 0), self.global_batch):
             share = start + self.rank * self.local_batch
-            yield from perm[share:share + self.local_batch]
+            for position in range(share, min(share + self.local_batch, len(perm))):
+                if self.sample_seed is None:
+                    yield perm[position]
+                else:
+                    yield perm[position], (self.sample_seed * 1_000_003 + position) % 2**62
 
     def __len__(self) -> int:
         full, tail = divmod(self.n, self.global_batch)
