@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import random
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-import torch
 from torch.utils.data import Dataset
 
+from ..runtime import seeded_draws
 from .images import load_image
 
 
@@ -43,17 +41,3 @@ class ImageListDataset(Dataset):
     def targets(self) -> list[int]:
         return [y for _, y in self.samples]
 
-
-@contextlib.contextmanager
-def seeded_draws(seed: int) -> Iterator[None]:
-    """The block's draws from ``random`` and torch's CPU generator (what the augmentations use)
-    come from ``seed``; both states are restored afterwards. Cheaper than ``runtime.seeded``,
-    which a per-image call cannot afford."""
-    py, cpu = random.getstate(), torch.random.get_rng_state()
-    random.seed(seed)
-    torch.random.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        torch.random.set_rng_state(cpu)
